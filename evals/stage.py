@@ -1,0 +1,227 @@
+"""The eval stage: for bf16 and each checkpoint, one vLLM server scores every task; then paired
+comparisons against bf16 on identical items are written into each variant's eval.json.
+
+Resumable per (checkpoint, task): each finished pair is saved under `<variant>/eval/<task>.json` with
+a content key (checkpoint key, task hash, limit, seed, lm-eval/vLLM versions, server flags) and reused
+when the key matches, so bf16 is scored once and a rerun after Ctrl-C redoes only unfinished pairs.
+A server that will not start or dies marks that variant failed (with vLLM's last log lines); the
+other variants still run and the exit code is 9.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from functools import lru_cache
+from pathlib import Path
+
+from tqdm import tqdm
+
+from evals.compare import compare
+from evals.quality import (check_tasks, model_args_for_hf, model_args_for_server, output_type, run_task,
+                           task_manager)
+from evals.results import EvalRun, TaskResult
+from evals.serve import ServeConfig, ServerError, VllmServer, serve_python
+from evals.tasks import BUILTIN_TASKS, DEFAULT_TASKS, build_builtin_suite, hub_skip_reason, user_task_hash
+from quantgate import provenance
+from quantgate.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
+from quantize.manifest import CheckpointManifest
+from quantize.model import CACHE_DIR, slug_for
+
+EMULATED = "emulated (transformers)"
+SEED = 0
+
+
+@lru_cache(maxsize=1)
+def vllm_version() -> str:
+    """Version of vLLM in the serving environment (another venv), asked once."""
+    try:
+        out = subprocess.run([serve_python(), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                             text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "unavailable"
+
+
+def variant_manifests(run_dir: Path, recipes: list[str] | None) -> list[CheckpointManifest]:
+    """Manifests of the requested (default: all finished) variants, bf16 first; bf16 is required."""
+    if not run_dir.is_dir():
+        raise ArtifactError(f"no run folder {run_dir}: run `make quantize` first")
+    names = recipes or sorted(p.parent.name for p in run_dir.glob("*/manifest.json"))
+    if "bf16" not in names:
+        names = ["bf16", *names]
+    manifests = [CheckpointManifest.read(run_dir / n / "manifest.json") for n in names]
+    return sorted(manifests, key=lambda m: (m.recipe != "bf16", names.index(m.recipe)))
+
+
+def serve_config(manifest: CheckpointManifest) -> ServeConfig:
+    spec = manifest.serve
+    return ServeConfig(kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), extra_args=list(spec.get("extra_args", [])))
+
+
+def pair_key(manifest: CheckpointManifest, task: str, task_hash: str, limit: int | None, engine: str,
+             flags: list[str]) -> str:
+    blob = json.dumps({"ckpt": manifest.content_key, "task": task, "task_hash": task_hash, "limit": limit,
+                       "seed": SEED, "engine": engine, "flags": flags,
+                       "versions": provenance.versions(("lm_eval",)) | {"vllm": vllm_version()}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class _Plan:
+    """Everything one variant needs to score its tasks with one engine."""
+
+    def __init__(self, manifest: CheckpointManifest, run_dir: Path, engine: str):
+        self.manifest, self.engine = manifest, engine
+        self.vdir = run_dir / manifest.recipe
+        self.checkpoint = self.vdir / manifest.checkpoint_dir
+        self.cfg = serve_config(manifest)
+        sub = "eval" if engine == "vllm" else "eval-emulated"
+        self.result_dir, self.samples_dir = self.vdir / sub, self.vdir / sub / "samples"
+
+    def flags(self) -> list[str]:
+        return self.cfg.args(cuda=False) if self.engine == "vllm" else ["hf", "float32"]
+
+    def cached(self, task: str, key: str) -> TaskResult | None:
+        path = self.result_dir / f"{task}.json"
+        if not path.is_file():
+            return None
+        try:
+            res = TaskResult.read(path)
+        except ArtifactError:
+            return None
+        return res if res.key == key and res.status in ("ok", "skipped") else None
+
+    def save(self, res: TaskResult) -> None:
+        self.result_dir.mkdir(parents=True, exist_ok=True)
+        res.write(self.result_dir / f"{res.task}.json")
+
+
+def _score_tasks(plan: _Plan, tasks: list[str], keys: dict[str, str], hashes: dict[str, str],
+                 sources: dict[str, str], skips: dict[str, str], tm, limit: int | None,  # noqa: ANN001
+                 server: VllmServer | None) -> dict[str, TaskResult]:
+    out: dict[str, TaskResult] = {}
+    for task in tasks:
+        base = {"key": keys[task], "task": task, "engine": plan.engine, "task_hash": hashes[task],
+                "source": sources.get(task), "limit": limit}
+        if task in skips:
+            res = TaskResult(status="skipped", reason=skips[task], **base)
+        else:
+            generative = output_type(task, tm) == "generate_until"
+            if server is not None:
+                lm, margs = model_args_for_server(server.base_url, plan.manifest.recipe, str(plan.checkpoint),
+                                                  generative)
+            else:
+                lm, margs = model_args_for_hf(str(plan.checkpoint))
+            try:
+                fields = run_task(task=task, tm=tm, lm=lm, model_args=margs, limit=limit, seed=SEED,
+                                  samples_path=plan.samples_dir / f"{task}.jsonl", generative=generative)
+            except Exception as err:
+                if server is not None and not server.alive():
+                    raise server._error(f"vLLM died while scoring {task}") from None
+                raise RuntimeError(f"lm-eval failed on {task}: {type(err).__name__}: {err}") from None
+            res = TaskResult(status="ok", **base, **fields)
+        plan.save(res)
+        out[task] = res
+    return out
+
+
+def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, skips: dict, tm,  # noqa: ANN001
+                  limit: int | None, force: bool) -> EvalRun:
+    started = time.perf_counter()
+    keys = {t: pair_key(plan.manifest, t, hashes[t], limit, plan.engine, plan.flags()) for t in tasks}
+    done = {} if force else {t: r for t in tasks if (r := plan.cached(t, keys[t])) is not None}
+    pending = [t for t in tasks if t not in done]
+    server_info: dict = {}
+    tail: list[str] = []
+    status, reason = "ok", None
+    if pending and all(t in skips for t in pending):
+        done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, None)
+    elif pending and plan.engine == "vllm":
+        server = VllmServer(plan.checkpoint, name=plan.manifest.recipe, log_path=plan.vdir / "logs" / "eval-server.log",
+                            config=plan.cfg)
+        try:
+            with server:
+                server_info = server.provenance() | server.startup_info()
+                done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, server)
+        except ServerError as err:
+            status = "unsupported" if err.unsupported else "failed"
+            reason = f"unsupported here: {err}" if err.unsupported else str(err)
+            tail = err.log_tail
+        except RuntimeError as err:
+            status, reason, tail = "failed", str(err), server.log_tail()
+    elif pending:
+        try:
+            done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, None)
+        except RuntimeError as err:
+            status, reason = "failed", str(err)
+    return EvalRun(
+        variant=plan.manifest.recipe, status=status, reason=reason, engine=plan.engine,
+        manifest_key=plan.manifest.content_key, tasks={t: done[t] for t in tasks if t in done},
+        server=server_info, server_log_tail=tail,
+        provenance={"versions": provenance.versions(("lm_eval", "transformers", "torch")) | {"vllm": vllm_version()},
+                    "hardware": provenance.hardware(), "limit": limit, "seed": SEED, "flags": plan.flags(),
+                    "task_hashes": {t: hashes[t] for t in tasks}, "task_sources": sources},
+        wall_seconds=round(time.perf_counter() - started, 1),
+    )
+
+
+def add_comparisons(run: EvalRun, baseline: EvalRun) -> EvalRun:
+    comps = {}
+    for task, res in run.tasks.items():
+        base = baseline.tasks.get(task)
+        if res.status != "ok" or base is None or base.status != "ok" or run.variant == baseline.variant:
+            continue
+        c = compare({k: tuple(v) for k, v in base.items.items()}, {k: tuple(v) for k, v in res.items.items()},
+                    metric=res.metric or "", higher_is_better=res.higher_is_better, binary=res.binary)
+        comps[task] = c.to_dict()
+    return run.model_copy(update={"comparisons": comps, "comparison_engine": baseline.engine})
+
+
+def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
+                   include_path: Path | None, limit: int | None, emulate: bool, force: bool) -> int:
+    run_dir = runs_root / slug_for(model)
+    manifests = variant_manifests(run_dir, recipes)
+    tasks = tasks or list(DEFAULT_TASKS)
+    if include_path is not None and not include_path.is_dir():
+        raise ArtifactError(f"--include-path {include_path} is not a folder of lm-eval task YAMLs")
+    suite = build_builtin_suite(CACHE_DIR)
+    tm = task_manager([suite.include_dir] + ([include_path] if include_path else []))
+    check_tasks(tasks, tm)
+    hashes = {t: suite.hashes.get(t) or user_task_hash(include_path, t) for t in tasks}
+    skips = {t: r for t in tasks if t not in BUILTIN_TASKS and (r := hub_skip_reason(t))}
+    for t, r in skips.items():
+        tqdm.write(f"quantgate: skipping {t}: {r}")
+    runs: dict[str, EvalRun] = {}
+    bar = tqdm(manifests, desc="eval", unit="variant")
+    for m in bar:
+        bar.set_postfix_str(m.recipe)
+        runs[m.recipe] = _eval_variant(_Plan(m, run_dir, "vllm"), tasks, hashes, suite.sources, skips, tm, limit,
+                                       force)
+        r = runs[m.recipe]
+        summary = ", ".join(f"{t}={x.value:.4f}" for t, x in r.tasks.items() if x.value is not None)
+        tqdm.write(f"quantgate: {m.recipe}: {r.status} in {r.wall_seconds:.0f}s {summary} {r.reason or ''}".rstrip())
+    emulated: dict[str, EvalRun] = {}
+    if emulate:
+        needs = [m for m in manifests if runs[m.recipe].status == "unsupported"]
+        if needs:
+            bf16 = manifests[0]
+            for m in [bf16, *needs]:
+                emulated[m.recipe] = _eval_variant(_Plan(m, run_dir, EMULATED), tasks, hashes, suite.sources, skips,
+                                                   tm, limit, force)
+                tqdm.write(f"quantgate: {m.recipe}: {EMULATED}: {emulated[m.recipe].status}")
+    baseline = runs["bf16"]
+    for name, run in runs.items():
+        if name in emulated and name != "bf16":
+            # an emulated score is compared with bf16 through the same engine, and labelled everywhere
+            run = add_comparisons(emulated[name], emulated["bf16"]).model_copy(
+                update={"reason": f"vLLM: {run.reason}; scored {EMULATED}", "server_log_tail": run.server_log_tail})
+        elif baseline.status == "ok":
+            run = add_comparisons(run, baseline)
+        run.write(run_dir / name / "eval.json")
+    bad = [n for n, r in runs.items() if r.status == "failed"]
+    if bad:
+        tqdm.write(f"quantgate: eval failed for: {', '.join(bad)} (finished results kept)")
+        return EXIT_PARTIAL
+    return EXIT_OK

@@ -1,0 +1,140 @@
+"""`quantgate` command line: quantize -> eval -> bench -> report -> gate, each reading the last one's JSON.
+
+Exit codes (see quantgate.errors): 0 ok, 1 tool error / missing artifact, 2 gate rejected,
+3 invalid config, 4 model not found, 5 hub unreachable, 6 group size, 7 unsupported GPU,
+8 out of disk, 9 some variants failed (the rest finished and were kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from quantgate.errors import EXIT_CODES, EXIT_CONFIG, EXIT_ERROR, QuantgateError
+
+RUNS_DEFAULT = Path(os.environ.get("QUANTGATE_RUNS", "runs"))
+_EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+def _recipes(value: str | None) -> list[str] | None:
+    return [r.strip() for r in value.split(",") if r.strip()] if value else None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local model folder or hub id (org/name); default: embedded SmolLM2-135M-Instruct")
+    p.add_argument("--recipes", default=None,
+                   help="comma-separated recipe names from recipes/ (default: all, bf16 first)")
+    p.add_argument("--runs", type=Path, default=RUNS_DEFAULT, help="output root (default: runs/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantgate", description="Quantize an LLM, serve every variant with vLLM, score, bench, gate.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="recipes -> compressed-tensors checkpoints + manifest.json",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(q)
+    q.add_argument("--target-gpu", default=None,
+                   help="GPU the checkpoints are for (H100, L4, A100, or a compute capability like 8.9); "
+                        "recipes it cannot run fail before any work (default: no check)")
+    q.add_argument("--force", action="store_true", help="rebuild even when the manifest's content key matches")
+
+    e = sub.add_parser("eval", help="serve each checkpoint with vLLM and score it with lm-eval",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(e)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks or suite names (default: the eval policy's list)")
+    e.add_argument("--include-path", type=Path, default=None, help="folder of user lm-eval task YAMLs")
+    e.add_argument("--limit", type=int, default=None, help="max items per task (quick runs)")
+    e.add_argument("--emulate-unsupported", action="store_true",
+                   help="score schemes vLLM cannot run here with transformers, labelled 'emulated (transformers)'")
+    e.add_argument("--force", action="store_true", help="ignore cached results")
+
+    b = sub.add_parser("bench", help="throughput / latency / memory / cost per variant (vllm bench serve)",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(b)
+    b.add_argument("--config", type=Path, default=None, help="bench YAML (concurrency, lengths, SLO, prices)")
+    b.add_argument("--concurrency", default=None, help="comma-separated levels, e.g. 1,8,32")
+    b.add_argument("--force", action="store_true", help="rerun even when bench.json matches")
+
+    r = sub.add_parser("report", help="render runs/<slug>/report.html from the JSON artifacts")
+    r.add_argument("run", type=Path, nargs="?", default=None, help="run folder (default: the default model's)")
+    r.add_argument("--policy", type=Path, default=None, help="gate policy YAML (default: shipped policy)")
+
+    g = sub.add_parser("gate", help="decide promote/reject/inconclusive; writes verdict.json + JUnit",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("run", type=Path, nargs="?", default=None, help="run folder (default: the default model's)")
+    g.add_argument("--policy", type=Path, default=None, help="gate policy YAML (default: shipped policy)")
+    g.add_argument("--require", default=None, help="exit 2 unless this variant is promoted")
+    g.add_argument("--junit", type=Path, default=None, help="JUnit XML path (default: <run>/verdict.junit.xml)")
+    return parser
+
+
+def _default_run(args: argparse.Namespace) -> Path:
+    if args.run is not None:
+        return args.run
+    return RUNS_DEFAULT / "smollm2-135m-instruct"
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "quantize":
+        from quantize.stage import run_stage
+
+        return run_stage(model=args.model, recipes=_recipes(args.recipes), runs_root=args.runs,
+                         target_gpu=args.target_gpu, force=args.force)
+    if args.command == "eval":
+        from evals.stage import run_eval_stage
+
+        return run_eval_stage(model=args.model, recipes=_recipes(args.recipes), runs_root=args.runs,
+                              tasks=_recipes(args.tasks), include_path=args.include_path, limit=args.limit,
+                              emulate=args.emulate_unsupported, force=args.force)
+    if args.command == "bench":
+        from evals.bench_stage import run_bench_stage
+
+        return run_bench_stage(model=args.model, recipes=_recipes(args.recipes), runs_root=args.runs,
+                               config_path=args.config, concurrency=args.concurrency, force=args.force)
+    if args.command == "report":
+        from reports.stage import run_report
+
+        return run_report(_default_run(args), policy_path=args.policy)
+    if args.command == "gate":
+        from reports.stage import run_gate
+
+        return run_gate(_default_run(args), policy_path=args.policy, require=args.require, junit=args.junit)
+    raise AssertionError(args.command)  # argparse restricts choices
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 means bad usage -> our config code, 2 is the gate's
+        return EXIT_CONFIG if exc.code == 2 else int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return dispatch(args)
+    except QuantgateError as err:
+        print(f"quantgate: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("quantgate: interrupted; finished variants are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # a tool bug: one line, the traceback only with -v
+        if args.verbose:
+            raise
+        print(f"quantgate: internal error: {type(err).__name__}: {err} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Real English text available offline on any machine: docstrings of the Python standard library.
+
+Read at run time from the installed interpreter (nothing is copied into the repo). Modules are split
+by a stable hash into two disjoint halves so that calibration text never reappears in the perplexity
+eval: `calibration` for quantize, `heldout` for evals and divergence tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+import sysconfig
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+Split = Literal["calibration", "heldout"]
+CORPUS_ID = "python-stdlib-docstrings"
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "idlelib", "lib2to3", "site-packages", "tkinter", "turtledemo", "ensurepip"}
+    return sorted(p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts) & skip))
+
+
+def _split_of(rel: str) -> Split:
+    return "calibration" if hashlib.sha256(rel.encode()).digest()[0] % 2 == 0 else "heldout"
+
+
+@lru_cache(maxsize=2)
+def documents(split: Split, min_chars: int = 200) -> tuple[str, ...]:
+    """Docstrings of at least `min_chars`, in a stable order (sorted by file, then position)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out: list[str] = []
+    for path in _stdlib_files():
+        rel = str(path.relative_to(root))
+        if _split_of(rel) != split:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars and doc.isascii():
+                    out.append(doc.strip())
+    return tuple(out)
+
+
+def sample(split: Split, n: int, seed: int, min_chars: int = 200) -> list[str]:
+    """`n` documents chosen with `seed`; raises if the corpus is smaller than asked."""
+    docs = documents(split, min_chars)
+    if n > len(docs):
+        raise ValueError(f"{CORPUS_ID}/{split} has {len(docs)} documents of >= {min_chars} chars; asked {n}")
+    rng = random.Random(seed)
+    return rng.sample(list(docs), n)
+
+
+def corpus_hash(split: Split, min_chars: int = 200) -> str:
+    h = hashlib.sha256()
+    for d in documents(split, min_chars):
+        h.update(d.encode())
+    return h.hexdigest()[:16]

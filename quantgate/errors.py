@@ -1,0 +1,82 @@
+"""Errors every stage raises, each with its own exit code, so CI can tell causes apart.
+
+The split follows coverage.py: 0 ok, 1 tool broke, 2 the gate said no. Bad *input* gets its own code
+(3 and up) so a pipeline can say "fix your recipe" rather than "something failed".
+Stdlib only: the gate and the CLI import this without pulling torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # tool error, or a missing/invalid artifact
+EXIT_GATE_REJECTED = 2  # the gate ran and promoted nothing (or not the required variant)
+EXIT_CONFIG = 3  # recipe / policy / CLI value invalid, unknown name
+EXIT_MODEL_NOT_FOUND = 4  # local path or hub id does not exist
+EXIT_HUB_UNREACHABLE = 5  # hub id given but the hub cannot be reached
+EXIT_GROUP_SIZE = 6  # group size does not divide a targeted layer
+EXIT_UNSUPPORTED_HW = 7  # the declared target GPU cannot run the scheme
+EXIT_NO_SPACE = 8  # out of disk
+EXIT_PARTIAL = 9  # some variants failed (server would not start, died, ...); the rest finished
+
+EXIT_CODES = {
+    EXIT_OK: "ok",
+    EXIT_ERROR: "tool error or missing/invalid artifact",
+    EXIT_GATE_REJECTED: "gate rejected: no variant (or not the required one) may be promoted",
+    EXIT_CONFIG: "invalid configuration (recipe, policy or option)",
+    EXIT_MODEL_NOT_FOUND: "model not found",
+    EXIT_HUB_UNREACHABLE: "model hub unreachable",
+    EXIT_GROUP_SIZE: "group size does not divide a targeted layer",
+    EXIT_UNSUPPORTED_HW: "scheme unsupported on the declared target GPU",
+    EXIT_NO_SPACE: "out of disk space",
+    EXIT_PARTIAL: "some variants failed; finished ones were kept",
+}
+
+
+class QuantgateError(Exception):
+    """A failure the user can act on: one line of text and an exit code."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, *, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(QuantgateError):
+    exit_code = EXIT_CONFIG
+
+
+class ModelNotFoundError(QuantgateError):
+    exit_code = EXIT_MODEL_NOT_FOUND
+
+
+class HubUnreachableError(QuantgateError):
+    exit_code = EXIT_HUB_UNREACHABLE
+
+
+class GroupSizeError(QuantgateError):
+    exit_code = EXIT_GROUP_SIZE
+
+
+class UnsupportedHardwareError(QuantgateError):
+    exit_code = EXIT_UNSUPPORTED_HW
+
+
+class NoSpaceError(QuantgateError):
+    exit_code = EXIT_NO_SPACE
+
+
+class ArtifactError(QuantgateError):
+    """A stage's input artifact is missing or does not validate."""
+
+    exit_code = EXIT_ERROR
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...], what: str) -> str:
+    """`Unknown recipe 'fp4'. Did you mean: nvfp4? Available: ...` (lm-eval's registry style)."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"Unknown {what} '{name}'.{hint} Available: {', '.join(sorted(choices))}"

@@ -1,0 +1,164 @@
+"""Recipe schema: *what* a variant is. The *how* lives in `quantize.schemes` (a registry by scheme name).
+
+A recipe is one YAML file under `recipes/`; its file name is its name. The schema is strict
+(`extra="forbid"`), so a misspelt key fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from quantgate.errors import ConfigError, did_you_mean
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+SchemeName = Literal["none", "fp8_dynamic", "fp8_dynamic_kv", "awq_w4a16", "gptq_w4a16", "nvfp4"]
+Family = Literal["reference", "8bit", "4bit"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationSpec(Strict):
+    """Calibration text. `builtin` is offline text from installed packages; `hub` a datasets id."""
+
+    source: Literal["builtin", "hub", "file"] = "builtin"
+    # hub: dataset id (llmcompressor's examples use HuggingFaceH4/ultrachat_200k); file: a .txt/.jsonl path
+    dataset: str | None = None
+    split: str = "train_sft"
+    text_field: str = "text"
+    num_samples: int = Field(default=64, ge=1, le=100_000)
+    seq_len: int = Field(default=512, ge=16, le=32_768)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _dataset_needed(self) -> CalibrationSpec:
+        if self.source in ("hub", "file") and not self.dataset:
+            raise ValueError(f"calibration.source '{self.source}' needs calibration.dataset")
+        return self
+
+
+class QuantSpec(Strict):
+    scheme: SchemeName
+    targets: list[str] = ["Linear"]
+    # lm_head stays in bf16: it is small relative to the body and very sensitive (llmcompressor default).
+    ignore: list[str] = ["lm_head"]
+    group_size: int | None = Field(default=None, ge=1)
+    symmetric: bool = True
+
+
+class ServeSpec(Strict):
+    """How production serves this variant with vLLM; the same flags are used for eval and bench."""
+
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    extra_args: list[str] = []
+
+
+class HardwareSpec(Strict):
+    # Lowest CUDA compute capability with native kernels, and the lowest that still runs (weight-only fallback).
+    min_compute_capability: float | None = None
+    fallback_min_compute_capability: float | None = None
+    fallback_note: str | None = None
+
+
+class GateOverrides(Strict):
+    """Per-recipe gate margins; None means "use the policy's value for this family"."""
+
+    quality_margin: float | None = Field(default=None, ge=0)
+    recovery_min: float | None = Field(default=None, ge=0, le=1.5)
+
+
+class Recipe(Strict):
+    name: str
+    description: str
+    family: Family
+    quant: QuantSpec
+    calibration: CalibrationSpec | None = None
+    serve: ServeSpec = ServeSpec()
+    hardware: HardwareSpec = HardwareSpec()
+    gate: GateOverrides = GateOverrides()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        from quantize.schemes import SCHEMES  # registry lives with the handlers
+
+        handler = SCHEMES[self.quant.scheme]
+        if handler.needs_calibration and self.calibration is None:
+            raise ValueError(f"scheme '{self.quant.scheme}' calibrates: add a calibration: section")
+        if handler.needs_group_size and self.quant.group_size is None:
+            raise ValueError(f"scheme '{self.quant.scheme}' needs quant.group_size (e.g. 64)")
+        if handler.fixed_group_size and self.quant.group_size not in (None, handler.fixed_group_size):
+            raise ValueError(
+                f"scheme '{self.quant.scheme}' has a fixed group size of {handler.fixed_group_size}"
+            )
+        if self.quant.scheme == "none" and self.family != "reference":
+            raise ValueError("scheme 'none' is the reference: set family: reference")
+        return self
+
+    def content_hash(self) -> str:
+        """Hash of the parsed recipe (not the file bytes), so comments and key order don't matter."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def effective_group_size(self) -> int | None:
+        from quantize.schemes import SCHEMES
+
+        return self.quant.group_size or SCHEMES[self.quant.scheme].fixed_group_size
+
+
+def available_recipes(recipes_dir: Path = RECIPES_DIR) -> list[str]:
+    return sorted(p.stem for p in recipes_dir.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}' (check spelling; the schema is strict)"
+    if first["type"] == "literal_error":
+        return f"{source}: {loc}: {first['msg']} (got {first.get('input')!r})"
+    return f"{source}: {loc}: {first['msg']}"
+
+
+def parse_recipe(data: object, *, source: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err, source)) from None
+
+
+def load_recipe(name_or_path: str | Path, recipes_dir: Path = RECIPES_DIR) -> Recipe:
+    """Load by name (`fp8`) from `recipes/` or by path to any YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = recipes_dir / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(did_you_mean(str(name_or_path), available_recipes(recipes_dir), "recipe"))
+    elif not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    recipe = parse_recipe(data, source=str(path))
+    if recipe.name != path.stem:
+        raise ConfigError(f"{path}: name '{recipe.name}' must match the file name '{path.stem}'")
+    return recipe
+
+
+def load_recipes(names: list[str] | None, recipes_dir: Path = RECIPES_DIR) -> list[Recipe]:
+    """All recipes (bf16 first) or the named ones; every name is checked before any work starts."""
+    names = names or available_recipes(recipes_dir)
+    recipes = [load_recipe(n, recipes_dir) for n in names]
+    order = {id(r): i for i, r in enumerate(recipes)}
+    return sorted(recipes, key=lambda r: (r.family != "reference", order[id(r)]))

@@ -1,0 +1,55 @@
+"""The quantize stage over several recipes: pre-flight every input, then build each variant."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from quantgate.errors import EXIT_OK, EXIT_PARTIAL, QuantgateError
+from quantize.hardware import parse_target
+from quantize.recipe import load_recipes
+
+log = logging.getLogger("quantgate.quantize")
+
+
+def run_stage(
+    *, model: str | None, recipes: list[str] | None, runs_root: Path, target_gpu: str | None = None,
+    force: bool = False,
+) -> int:
+    """Quantize `model` with each recipe into `runs_root/<slug>/<recipe>/`. Returns an exit code.
+
+    Bad input (unknown recipe, strict-schema error, group size, target GPU, model not found) raises
+    before any recipe starts, so nothing is half done. A recipe that fails at run time is reported
+    and the others still run (exit 9).
+    """
+    from quantize.check import preflight
+    from quantize.run import quantize
+
+    chosen = load_recipes(recipes)
+    target_cc = parse_target(target_gpu)
+    resolved, widths = preflight(model, chosen, target_cc)
+    run_dir = runs_root / resolved.slug
+    failures = []
+    bar = tqdm(chosen, desc="quantize", unit="recipe")
+    for recipe in bar:
+        bar.set_postfix_str(recipe.name)
+        try:
+            manifest, reused = quantize(recipe, model=resolved, run_dir=run_dir, widths=widths,
+                                        target_cc=target_cc, force=force)
+        except QuantgateError as err:
+            if err.exit_code != 1:
+                raise  # input problems (disk, ...) stop the stage; finished recipes stay in place
+            failures.append(recipe.name)
+            tqdm.write(f"quantgate: {recipe.name}: FAILED: {err}")
+            continue
+        what = "reused (same content key)" if reused else f"{manifest.wall_seconds:.1f}s"
+        tqdm.write(
+            f"quantgate: {recipe.name}: {what}, {manifest.bytes_on_disk / 2**20:.1f} MiB, "
+            f"peak RSS {manifest.peak_memory['rss_bytes'] / 2**30:.2f} GiB -> {run_dir / recipe.name}"
+        )
+    if failures:
+        tqdm.write(f"quantgate: failed recipes: {', '.join(failures)} (the others are complete)")
+        return EXIT_PARTIAL
+    return EXIT_OK

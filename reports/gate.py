@@ -1,0 +1,181 @@
+"""The promotion gate: a pure, stdlib-only function from evidence + policy to a verdict with reasons.
+
+Quality is *non-inferiority*: a variant passes a task only if the whole paired 95% CI of
+(variant - bf16) stays on the good side of -margin. If the CI straddles the margin the answer is
+"inconclusive", never "pass": with few items nothing small can be shown. Performance, latency SLO and
+memory are floors/caps against measured numbers. No torch, no pydantic: CI can run this on artifacts
+copied from a GPU box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Outcome = Literal["pass", "fail", "inconclusive", "skipped"]  # skipped: noted, decides nothing
+Verdict = Literal["promote", "reject", "inconclusive"]
+EMULATED = "emulated (transformers)"
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    margins: dict[str, float]  # family -> non-inferiority margin in metric units (absolute)
+    metric_margins: dict[str, float] = field(default_factory=dict)  # metric name -> margin override
+    recovery_min: dict[str, float] = field(default_factory=dict)  # family -> floor (e.g. 0.97); absent = off
+    min_items: int = 100
+    throughput_floor_vs_bf16: float | None = 1.0  # variant tok/s at its SLO point >= this x bf16's
+    require_slo: bool = True  # some concurrency level must meet the latency SLO
+    max_memory_bytes: int | None = None  # cap on the server's peak memory (GPU or host RSS as measured)
+    allow_emulated: bool = False  # an emulated score can at best be inconclusive unless this is true
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # e.g. "quality:qg_mmlu_dev", "performance:throughput"
+    outcome: Outcome
+    reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    variant: str
+    verdict: Verdict
+    checks: list[Check]
+    cost_per_1m: float | None = None
+    bytes_on_disk: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _margin(policy: GatePolicy, family: str, metric: str, override: float | None) -> float:
+    if override is not None:
+        return override
+    base = metric.split(",")[0]
+    if base in policy.metric_margins:
+        return policy.metric_margins[base]
+    return policy.margins[family]
+
+
+def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int,
+                  recovery_floor: float | None) -> Check:
+    """Non-inferiority on one task's paired comparison (evals.compare.Comparison as a dict)."""
+    hib = comp["higher_is_better"]
+    lo, hi, d = comp["ci_low"], comp["ci_high"], comp["delta"]
+    # Express everything as "how much worse", so one rule serves both metric directions.
+    worse_best, worse_worst = (-hi, -lo) if hib else (lo, hi)
+    nums = {"delta": d, "ci_low": lo, "ci_high": hi, "margin": margin, "n_items": comp["n_items"],
+            "recovery": comp.get("recovery"), "higher_is_better": hib}
+    ci = f"delta {d:+.4f} (95% CI {lo:+.4f}..{hi:+.4f}), margin {margin:.4f}, n={comp['n_items']}"
+    rec = comp.get("recovery")
+    if recovery_floor is not None and rec is not None and rec < recovery_floor:
+        return Check(f"quality:{task}", "fail", f"{task}: recovery {rec:.1%} < floor {recovery_floor:.0%}; {ci}", nums)
+    if worse_best > margin:
+        return Check(f"quality:{task}", "fail", f"{task}: worse than bf16 beyond the margin: {ci}", nums)
+    if comp["n_items"] < min_items:
+        return Check(f"quality:{task}", "inconclusive",
+                     f"{task}: only {comp['n_items']} items (< {min_items}): too few to show non-inferiority; {ci}",
+                     nums)
+    if worse_worst <= margin:
+        return Check(f"quality:{task}", "pass", f"{task}: non-inferior: {ci}", nums)
+    return Check(f"quality:{task}", "inconclusive", f"{task}: CI too wide to decide: {ci}", nums)
+
+
+def _quality(name: str, family: str, ev: dict[str, Any], policy: GatePolicy,
+             override: float | None) -> list[Check]:
+    status = ev.get("status")
+    if status is None:
+        return [Check("quality:eval", "inconclusive", f"{name} has no eval.json: run `make eval`")]
+    if status == "failed":
+        why = ev.get("reason") or "no eval result"
+        return [Check("quality:serve", "fail", f"{name} could not be served and scored: {why}")]
+    if status == "unsupported":
+        return [Check("quality:serve", "inconclusive", f"{ev.get('reason')}; rerun on hardware that has the kernels "
+                      "or use --emulate-unsupported")]
+    checks = []
+    emulated = ev.get("engine") == EMULATED
+    if emulated and not policy.allow_emulated:
+        checks.append(Check("quality:engine", "inconclusive",
+                            f"scores are {EMULATED}, not vLLM serving: cannot promote on emulation alone"))
+    comps = ev.get("comparisons") or {}
+    for task, tres in (ev.get("tasks") or {}).items():
+        if tres.get("status") == "skipped":
+            checks.append(Check(f"quality:{task}", "skipped", f"{task} skipped: {tres.get('reason')}"))
+            continue
+        if task not in comps:
+            checks.append(Check(f"quality:{task}", "fail", f"{task}: no paired comparison with bf16"))
+            continue
+        comp = comps[task]
+        margin = _margin(policy, family, comp["metric"], override)
+        c = quality_check(task, comp, margin, policy.min_items, policy.recovery_min.get(family))
+        if emulated:
+            c = Check(c.name, c.outcome, f"{c.reason} [{EMULATED}]", c.numbers)
+        checks.append(c)
+    if not any(c.name.startswith("quality:") and c.outcome != "skipped" and c.name != "quality:engine"
+               for c in checks):
+        checks.append(Check("quality:tasks", "inconclusive", "no task was scored: nothing shows quality"))
+    return checks
+
+
+def _perf(bench: dict[str, Any] | None, base_bench: dict[str, Any] | None, policy: GatePolicy) -> list[Check]:
+    if bench is None:
+        return [Check("performance:bench", "inconclusive", "no bench.json: run `make bench`")]
+    if bench.get("status") not in ("ok",):
+        outcome: Outcome = "inconclusive" if bench.get("status") == "unsupported" else "fail"
+        return [Check("performance:bench", outcome, f"bench {bench.get('status')}: {bench.get('reason')}")]
+    checks = []
+    point = bench.get("slo_point")
+    slo = bench.get("slo", {})
+    slo_txt = f"TTFT p95 <= {slo.get('ttft_p95_s')} s, ITL p95 <= {slo.get('itl_p95_ms')} ms"
+    if policy.require_slo:
+        if point is None:
+            checks.append(Check("performance:latency_slo", "fail", f"no concurrency level meets the SLO ({slo_txt})"))
+        else:
+            checks.append(Check("performance:latency_slo", "pass",
+                                f"meets the SLO ({slo_txt}) up to concurrency {point['concurrency']}",
+                                {"concurrency": point["concurrency"]}))
+    if policy.throughput_floor_vs_bf16 is not None:
+        base_point = (base_bench or {}).get("slo_point")
+        if point is None or base_point is None:
+            who = "variant" if point is None else "bf16"
+            checks.append(Check("performance:throughput", "fail" if point is None else "inconclusive",
+                                f"no SLO point for {who}: throughput at the SLO cannot be compared"))
+        else:
+            ratio = point["output_tokens_per_s"] / base_point["output_tokens_per_s"]
+            floor = policy.throughput_floor_vs_bf16
+            txt = (f"{point['output_tokens_per_s']:.1f} tok/s at c={point['concurrency']} vs bf16 "
+                   f"{base_point['output_tokens_per_s']:.1f} tok/s at c={base_point['concurrency']} "
+                   f"= {ratio:.2f}x (floor {floor:.2f}x)")
+            checks.append(Check("performance:throughput", "pass" if ratio >= floor else "fail", txt,
+                                {"ratio": ratio, "floor": floor}))
+    if policy.max_memory_bytes is not None:
+        mem = bench.get("memory", {})
+        peak = mem.get("gpu_memory_used_bytes_peak") or mem.get("server_rss_bytes_peak")
+        if peak is None:
+            checks.append(Check("memory:cap", "inconclusive", "no memory measurement"))
+        else:
+            ok = peak <= policy.max_memory_bytes
+            checks.append(Check("memory:cap", "pass" if ok else "fail",
+                                f"peak {peak / 2**30:.2f} GiB ({mem.get('kind')}) vs cap "
+                                f"{policy.max_memory_bytes / 2**30:.2f} GiB", {"peak_bytes": peak}))
+    return checks
+
+
+def decide_variant(name: str, family: str, ev: dict[str, Any] | None, bench: dict[str, Any] | None,
+                   base_bench: dict[str, Any] | None, policy: GatePolicy, margin_override: float | None = None,
+                   bytes_on_disk: int | None = None) -> Decision:
+    checks = _quality(name, family, ev or {}, policy, margin_override) + _perf(bench, base_bench, policy)
+    outcomes = {c.outcome for c in checks}
+    verdict: Verdict = "reject" if "fail" in outcomes else "inconclusive" if "inconclusive" in outcomes else "promote"
+    point = (bench or {}).get("slo_point") or {}
+    return Decision(name, verdict, checks, point.get("usd_per_1m_output_tokens"), bytes_on_disk)
+
+
+def recommend(decisions: list[Decision]) -> Decision | None:
+    """The cheapest promoted variant: lowest $/1M output tokens at its SLO point, then fewest bytes."""
+    ok = [d for d in decisions if d.verdict == "promote"]
+    if not ok:
+        return None
+    return min(ok, key=lambda d: (d.cost_per_1m if d.cost_per_1m is not None else float("inf"),
+                                  d.bytes_on_disk or 0, d.variant))

@@ -1,0 +1,67 @@
+"""Gate policy YAML -> reports.gate.GatePolicy, through a strict schema (unknown keys fail)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quantgate.errors import ConfigError
+from reports.gate import GatePolicy
+
+DEFAULT_POLICY = Path(__file__).resolve().parent / "policy.default.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Quality(_Strict):
+    margins: dict[Literal["8bit", "4bit"], float]
+    metric_margins: dict[str, float] = {}
+    recovery_min: dict[Literal["8bit", "4bit"], float] = {}
+    min_items: int = Field(default=100, ge=1)
+    allow_emulated: bool = False
+
+
+class _Performance(_Strict):
+    throughput_floor_vs_bf16: float | None = Field(default=1.0, gt=0)
+    require_slo: bool = True
+
+
+class _Memory(_Strict):
+    max_gib: float | None = Field(default=None, gt=0)
+
+
+class PolicyFile(_Strict):
+    schema_version: Literal[1] = 1
+    quality: _Quality
+    performance: _Performance = _Performance()
+    memory: _Memory = _Memory()
+
+
+def load_policy(path: Path | None = None) -> GatePolicy:
+    path = path or DEFAULT_POLICY
+    if not path.is_file():
+        raise ConfigError(f"gate policy not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+        pf = PolicyFile.model_validate(data)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        what = "unknown key (the schema is strict)" if e["type"] == "extra_forbidden" else e["msg"]
+        raise ConfigError(f"{path}: {loc}: {what}") from None
+    if any(m < 0 for m in [*pf.quality.margins.values(), *pf.quality.metric_margins.values()]):
+        raise ConfigError(f"{path}: margins must be >= 0")
+    return GatePolicy(
+        margins=dict(pf.quality.margins), metric_margins=dict(pf.quality.metric_margins),
+        recovery_min=dict(pf.quality.recovery_min), min_items=pf.quality.min_items,
+        throughput_floor_vs_bf16=pf.performance.throughput_floor_vs_bf16, require_slo=pf.performance.require_slo,
+        max_memory_bytes=int(pf.memory.max_gib * 2**30) if pf.memory.max_gib else None,
+        allow_emulated=pf.quality.allow_emulated,
+    )

@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+
+from evals.compare import compare
+from reports.gate import GatePolicy, decide_variant, quality_check, recommend
+
+POLICY = GatePolicy(margins={"8bit": 0.02, "4bit": 0.05}, min_items=100, throughput_floor_vs_bf16=1.0)
+
+
+def comp(delta, lo, hi, n=500, hib=True, recovery=1.0, metric="acc,none"):
+    return {"metric": metric, "higher_is_better": hib, "delta": delta, "ci_low": lo, "ci_high": hi, "n_items": n,
+            "recovery": recovery}
+
+
+def test_non_inferior_when_whole_ci_above_minus_margin():
+    assert quality_check("t", comp(-0.005, -0.015, 0.005), 0.02, 100, None).outcome == "pass"
+
+
+def test_reject_when_whole_ci_below_minus_margin():
+    c = quality_check("t", comp(-0.08, -0.10, -0.03), 0.02, 100, None)
+    assert c.outcome == "fail" and "beyond the margin" in c.reason
+
+
+def test_inconclusive_when_ci_straddles_margin():
+    c = quality_check("t", comp(-0.01, -0.04, 0.02), 0.02, 100, None)
+    assert c.outcome == "inconclusive" and "too wide" in c.reason
+
+
+def test_inconclusive_with_few_items_even_if_ci_is_tight():
+    c = quality_check("t", comp(0.0, 0.0, 0.0, n=20), 0.02, 100, None)
+    assert c.outcome == "inconclusive" and "too few" in c.reason
+
+
+def test_lower_is_better_metric_direction():
+    # bits per byte went up by 0.01..0.02: within a 0.03 margin -> pass; 0.04..0.06 -> fail
+    assert quality_check("p", comp(0.015, 0.01, 0.02, hib=False), 0.03, 100, None).outcome == "pass"
+    assert quality_check("p", comp(0.05, 0.04, 0.06, hib=False), 0.03, 100, None).outcome == "fail"
+
+
+def test_recovery_floor_fails():
+    c = quality_check("t", comp(-0.001, -0.01, 0.01, recovery=0.9), 0.02, 100, 0.97)
+    assert c.outcome == "fail" and "recovery" in c.reason
+
+
+def _ev(comps, engine="vllm", status="ok"):
+    return {"status": status, "engine": engine, "reason": None,
+            "tasks": {t: {"status": "ok"} for t in comps} | {"mmlu_pro": {"status": "skipped", "reason": "offline"}},
+            "comparisons": comps}
+
+
+def _bench(tps, cost, meets=True):
+    point = {"concurrency": 8, "output_tokens_per_s": tps, "usd_per_1m_output_tokens": cost} if meets else None
+    return {"status": "ok", "slo_point": point, "slo": {"ttft_p95_s": 3, "itl_p95_ms": 50}, "memory": {}}
+
+
+def test_decide_promote_and_reasons_have_numbers():
+    d = decide_variant("fp8", "8bit", _ev({"mmlu": comp(-0.002, -0.01, 0.006)}), _bench(120, 0.5), _bench(100, 0.7),
+                       POLICY)
+    assert d.verdict == "promote"
+    assert any("1.20x" in c.reason for c in d.checks)
+    assert any(c.outcome == "skipped" and "mmlu_pro" in c.name for c in d.checks)  # noted, decides nothing
+
+
+def test_decide_reject_on_throughput_below_bf16():
+    d = decide_variant("gptq", "4bit", _ev({"mmlu": comp(0.0, -0.01, 0.01)}), _bench(80, 1.0), _bench(100, 0.7),
+                       POLICY)
+    assert d.verdict == "reject"
+    assert [c.name for c in d.checks if c.outcome == "fail"] == ["performance:throughput"]
+
+
+def test_decide_reject_when_slo_never_met():
+    d = decide_variant("x", "4bit", _ev({"m": comp(0.0, -0.01, 0.01)}), _bench(0, None, meets=False),
+                       _bench(100, 0.7), POLICY)
+    assert d.verdict == "reject" and any("SLO" in c.reason for c in d.checks if c.outcome == "fail")
+
+
+def test_emulated_scores_cannot_promote():
+    d = decide_variant("nvfp4", "4bit", _ev({"m": comp(0.0, -0.005, 0.005)}, engine="emulated (transformers)"),
+                       _bench(120, 0.5), _bench(100, 0.7), POLICY)
+    assert d.verdict == "inconclusive"
+    assert any("emulated (transformers)" in c.reason for c in d.checks)
+
+
+def test_unsupported_and_failed_variants():
+    unsup = decide_variant("nvfp4", "4bit", {"status": "unsupported", "reason": "unsupported here: no kernel"}, None,
+                           None, POLICY)
+    assert unsup.verdict == "inconclusive"
+    failed = decide_variant("x", "4bit", {"status": "failed", "reason": "vLLM died"}, None, None, POLICY)
+    assert failed.verdict == "reject" and "vLLM died" in failed.checks[0].reason
+
+
+def test_recommend_cheapest_promoted():
+    ok = decide_variant("a", "8bit", _ev({"m": comp(0, -0.01, 0.01)}), _bench(120, 0.50), _bench(100, 0.7), POLICY)
+    cheaper = decide_variant("b", "4bit", _ev({"m": comp(0, -0.01, 0.01)}), _bench(150, 0.40), _bench(100, 0.7),
+                             POLICY)
+    rejected = decide_variant("c", "4bit", _ev({"m": comp(-0.2, -0.3, -0.1)}), _bench(300, 0.1), _bench(100, 0.7),
+                              POLICY)
+    assert recommend([ok, cheaper, rejected]).variant == "b"
+    assert recommend([rejected]) is None
+
+
+@pytest.mark.parametrize("n", [200, 1000])
+def test_false_promote_rate_at_the_margin_is_at_most_5_percent(n):
+    """Simulate variants whose true accuracy delta is exactly -margin: the gate must rarely promote them."""
+    rng = np.random.default_rng(n)
+    margin, reps, promoted = 0.05, 300, 0
+    for r in range(reps):
+        base = rng.random(n) < 0.6
+        # discordance chosen so E[cand - base] = -margin exactly: p_down*0.6 - p_up*0.4 = 0.05
+        p_up = 0.05
+        p_down = (margin + p_up * 0.4) / 0.6
+        cand = np.where(base, rng.random(n) >= p_down, rng.random(n) < p_up)
+        c = compare({str(i): (float(v), 1.0) for i, v in enumerate(base)},
+                    {str(i): (float(v), 1.0) for i, v in enumerate(cand)},
+                    metric="acc,none", higher_is_better=True, binary=True, seed=r, n_boot=1000)
+        promoted += quality_check("sim", c.to_dict(), margin, 100, None).outcome == "pass"
+    assert promoted / reps <= 0.05

@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from quantgate.errors import EXIT_CONFIG, ConfigError
+from quantize.recipe import RECIPES_DIR, available_recipes, load_recipe, load_recipes, parse_recipe
+
+SHIPPED = ["awq-4", "bf16", "fp8", "fp8-kv", "gptq-4", "nvfp4"]
+
+
+def test_shipped_recipes_exactly_the_six_variants():
+    assert available_recipes() == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_shipped_recipe_validates(name):
+    r = load_recipe(name)
+    assert r.name == name
+    assert "lm_head" in r.quant.ignore or r.quant.scheme == "none"
+
+
+def test_recipe_declarations():
+    r = {n: load_recipe(n) for n in SHIPPED}
+    assert r["fp8-kv"].serve.kv_cache_dtype == "fp8"
+    assert r["fp8"].hardware.min_compute_capability == 8.9
+    assert r["nvfp4"].hardware.min_compute_capability == 10.0
+    assert r["nvfp4"].hardware.fallback_min_compute_capability is not None
+    assert r["nvfp4"].effective_group_size == 16
+    assert r["gptq-4"].quant.group_size == 64 and 576 % 64 == 0  # default works for SmolLM2
+    for n in ("fp8-kv", "awq-4", "gptq-4", "nvfp4"):
+        assert r[n].calibration is not None and r[n].calibration.source == "builtin"
+
+
+def test_bf16_first_in_load_order():
+    assert [r.name for r in load_recipes(["nvfp4", "bf16"])] == ["bf16", "nvfp4"]
+
+
+def test_unknown_recipe_suggests():
+    with pytest.raises(ConfigError, match=r"Unknown recipe 'fp4'\. Did you mean: .*nvfp4") as ei:
+        load_recipe("fp4")
+    assert ei.value.exit_code == EXIT_CONFIG
+
+
+def _base():
+    return {"name": "x", "description": "d", "family": "4bit",
+            "quant": {"scheme": "gptq_w4a16", "group_size": 64}, "calibration": {"num_samples": 8}}
+
+
+def test_unknown_key_rejected():
+    data = _base()
+    data["quant"]["group_sise"] = 64
+    with pytest.raises(ConfigError, match=r"unknown key 'quant.group_sise'"):
+        parse_recipe(data, source="x.yaml")
+
+
+def test_mistyped_scheme_rejected():
+    data = _base()
+    data["quant"]["scheme"] = "gptq"
+    with pytest.raises(ConfigError, match=r"quant.scheme"):
+        parse_recipe(data, source="x.yaml")
+
+
+def test_calibrated_scheme_needs_calibration():
+    data = _base()
+    del data["calibration"]
+    with pytest.raises(ConfigError, match="calibrates"):
+        parse_recipe(data, source="x.yaml")
+
+
+def test_nvfp4_group_size_is_fixed():
+    data = {"name": "x", "description": "d", "family": "4bit", "quant": {"scheme": "nvfp4", "group_size": 32},
+            "calibration": {}}
+    with pytest.raises(ConfigError, match="fixed group size of 16"):
+        parse_recipe(data, source="x.yaml")
+
+
+def test_name_must_match_file(tmp_path: Path):
+    p = tmp_path / "mine.yaml"
+    p.write_text((RECIPES_DIR / "fp8.yaml").read_text())
+    with pytest.raises(ConfigError, match="must match the file name"):
+        load_recipe(p)
+
+
+def test_content_hash_ignores_comments(tmp_path: Path):
+    a = tmp_path / "fp8.yaml"
+    a.write_text("# a comment\n" + (RECIPES_DIR / "fp8.yaml").read_text())
+    assert load_recipe(a).content_hash() == load_recipe("fp8").content_hash()
+    assert load_recipe("fp8").content_hash() != load_recipe("fp8-kv").content_hash()
