@@ -19,10 +19,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from evals.perf import BenchConfig, load_bench_config, max_sequences, parse_metrics, price_for, slo_point, \
-    summarize_scrapes
+from evals.perf import (
+    BenchConfig,
+    load_bench_config,
+    max_sequences,
+    parse_metrics,
+    price_for,
+    slo_point,
+    summarize_scrapes,
+)
 from evals.results import BenchRun
-from evals.serve import ServerError, VllmServer
+from evals.serve import ServerError, VllmServer, on_cuda
 from evals.stage import serve_config, variant_manifests, vllm_version
 from quantgate import provenance
 from quantgate.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
@@ -37,6 +44,7 @@ _BENCH_MAIN = (
     "add_cli_args(p)\n"
     "main(p.parse_args(sys.argv[1:]))\n"
 )
+CPU_CONFIG = Path(__file__).resolve().parent / "bench.cpu.yaml"
 _KEEP = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
          "total_input_tokens", "total_output_tokens")
 
@@ -193,6 +201,9 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
 
 def run_bench_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, config_path: Path | None,
                     concurrency: str | None, force: bool) -> int:
+    if config_path is None and not on_cuda():
+        config_path = CPU_CONFIG
+        tqdm.write(f"quantgate: no GPU: using the CPU bench settings in {CPU_CONFIG.name}")
     cfg = load_bench_config(config_path, concurrency)
     run_dir = runs_root / slug_for(model)
     manifests = variant_manifests(run_dir, recipes)

@@ -143,7 +143,8 @@ def summarize_scrapes(first: dict[str, Any], scrapes: list[dict[str, Any]]) -> d
     last = scrapes[-1] if scrapes else first
     n = (last.get("queue_time_count") or 0.0) - (first.get("queue_time_count") or 0.0)
     s = (last.get("queue_time_sum") or 0.0) - (first.get("queue_time_sum") or 0.0)
-    delta = {b: c - first.get("queue_time_buckets", {}).get(b, 0.0) for b, c in last.get("queue_time_buckets", {}).items()}
+    before = first.get("queue_time_buckets", {})
+    delta = {b: c - before.get(b, 0.0) for b, c in last.get("queue_time_buckets", {}).items()}
     out["request_queue_time_seconds"] = {
         "count": n, "mean": s / n if n else None,
         "p50": histogram_quantile(0.5, delta), "p95": histogram_quantile(0.95, delta),

@@ -20,8 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from evals.compare import compare
-from evals.quality import (check_tasks, model_args_for_hf, model_args_for_server, output_type, run_task,
-                           task_manager)
+from evals.quality import check_tasks, model_args_for_hf, model_args_for_server, output_type, run_task, task_manager
 from evals.results import EvalRun, TaskResult
 from evals.serve import ServeConfig, ServerError, VllmServer, serve_python
 from evals.tasks import BUILTIN_TASKS, DEFAULT_TASKS, build_builtin_suite, hub_skip_reason, user_task_hash

@@ -210,7 +210,7 @@ def quantize(
             checkpoint_dir="checkpoint",
             quantization=_quantization_summary(config),
             serve=recipe.serve.model_dump(mode="json"),
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
         manifest.write(tmp / "manifest.json")  # written last inside tmp: a complete tmp has a manifest
         _swap_into_place(tmp, final)

@@ -69,7 +69,7 @@ def build_verdict(run_dir: Path, policy: GatePolicy, run: dict[str, dict[str, An
         "kind": "verdict",
         "run": str(run_dir),
         "model": run["bf16"]["manifest"]["model"],
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "policy": policy.__dict__,
         "variants": {d.variant: d.to_dict() for d in decisions},
         "recommended": best.variant if best else None,

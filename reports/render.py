@@ -66,7 +66,8 @@ def scatter_svg(points: list[dict[str, Any]], x_label: str, y_label: str, width:
     for p in pts:
         color = _COLORS.get(p.get("verdict"), "#0969da") if p["name"] != "bf16" else "#0969da"
         parts.append(f"<circle cx='{sx(p['x']):.1f}' cy='{sy(p['y']):.1f}' r='6' fill='{color}'/>"
-                     f"<text x='{sx(p['x']) + 9:.1f}' y='{sy(p['y']) - 8:.1f}' class='lbl'>{html.escape(p['name'])}</text>")
+                     f"<text x='{sx(p['x']) + 9:.1f}' y='{sy(p['y']) - 8:.1f}' class='lbl'>"
+                     f"{html.escape(p['name'])}</text>")
     parts.append("</svg>")
     return "".join(parts)
 

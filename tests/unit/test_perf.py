@@ -1,7 +1,17 @@
 import pytest
 
-from evals.perf import (SLO, BenchConfig, cost_per_million, histogram_quantile, load_bench_config, max_sequences,
-                        parse_metrics, price_for, slo_point, summarize_scrapes)
+from evals.perf import (
+    SLO,
+    BenchConfig,
+    cost_per_million,
+    histogram_quantile,
+    load_bench_config,
+    max_sequences,
+    parse_metrics,
+    price_for,
+    slo_point,
+    summarize_scrapes,
+)
 from quantgate.errors import ConfigError
 
 PROM = """# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.

@@ -1,0 +1,64 @@
+"""`make bench-eval`: the same items through lm-eval via the vLLM server and via lm-eval's `hf` backend.
+
+Prints wall times and the speed ratio measured in this one run (a benchmark target, not a timed test),
+plus how far the two engines' scores are apart on identical items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from evals.quality import model_args_for_hf, model_args_for_server, run_task, task_manager
+from evals.serve import VllmServer
+from evals.tasks import build_builtin_suite
+from quantize.model import CACHE_DIR, resolve_model
+
+TASKS = ("qg_mmlu_dev", "qg_stdlib_ppl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make bench-eval", description=__doc__)
+    p.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2)")
+    p.add_argument("--limit", type=int, default=100, help="items per task (default 100)")
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    args = p.parse_args(argv)
+    model = resolve_model(args.model)
+    out_dir = args.runs / model.slug / "bench-eval"
+    tm = task_manager([build_builtin_suite(CACHE_DIR).include_dir])
+    results: dict[str, dict] = {"vllm": {}, "hf": {}}
+    t0 = time.perf_counter()
+    with VllmServer(Path(model.path), name="bf16", log_path=out_dir / "server.log") as srv:
+        startup = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for task in TASKS:
+            lm, margs = model_args_for_server(srv.base_url, "bf16", model.path, generative=False)
+            results["vllm"][task] = run_task(task=task, tm=tm, lm=lm, model_args=margs, limit=args.limit, seed=0,
+                                             samples_path=out_dir / "vllm" / f"{task}.jsonl", generative=False)
+        vllm_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    for task in TASKS:
+        lm, margs = model_args_for_hf(model.path)
+        results["hf"][task] = run_task(task=task, tm=tm, lm=lm, model_args=margs, limit=args.limit, seed=0,
+                                       samples_path=out_dir / "hf" / f"{task}.jsonl", generative=False)
+    hf_s = time.perf_counter() - t2
+    summary = {
+        "model": model.model_id, "limit": args.limit, "tasks": list(TASKS),
+        "vllm_seconds": round(vllm_s, 1), "vllm_startup_seconds": round(startup, 1), "hf_seconds": round(hf_s, 1),
+        "speedup_vllm_over_hf": round(hf_s / vllm_s, 2),
+        "speedup_including_startup": round(hf_s / (vllm_s + startup), 2),
+        "scores": {e: {t: r["value"] for t, r in res.items()} for e, res in results.items()},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench-eval.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    print(f"lm-eval via vLLM server: {vllm_s:.1f}s (+{startup:.1f}s start-up); via hf backend: {hf_s:.1f}s; "
+          f"ratio hf/vLLM = {hf_s / vllm_s:.2f}x ({hf_s / (vllm_s + startup):.2f}x counting start-up)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Every bad input: one clear line, a distinct exit code, nothing lost."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from quantgate.cli import build_parser, main
+from quantgate.errors import EXIT_CODES
+
+
+def err_of(capsys) -> str:
+    return capsys.readouterr().err.strip()
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--model", "--recipes", "--runs", "--target-gpu", "--force"):
+        assert opt in out
+    for code, text in EXIT_CODES.items():
+        assert f"{code}  {text}" in out
+
+
+def test_distinct_exit_codes():
+    assert len(set(EXIT_CODES)) == len(EXIT_CODES) == 10
+
+
+def test_unknown_recipe(capsys):
+    assert main(["quantize", "--recipes", "bf16,gptq4"]) == 3
+    err = err_of(capsys)
+    assert "Unknown recipe 'gptq4'. Did you mean: gptq-4?" in err and len(err.splitlines()) == 1
+
+
+def test_model_path_not_found(capsys, tmp_path):
+    assert main(["quantize", "--model", str(tmp_path / "nope"), "--runs", str(tmp_path)]) == 4
+    assert "not found" in err_of(capsys)
+
+
+def test_folder_without_config(capsys, tmp_path):
+    assert main(["quantize", "--model", str(tmp_path), "--runs", str(tmp_path)]) == 4
+    assert "no config.json" in err_of(capsys)
+
+
+def test_hub_unreachable_suggests_local_path(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["quantize", "--model", "meta-llama/Llama-3.1-8B-Instruct", "--runs", str(tmp_path)]) == 5
+    err = err_of(capsys)
+    assert "cannot reach the Hugging Face Hub" in err and "MODEL=/path/to/model" in err
+
+
+def test_target_gpu_cannot_run_scheme(capsys, tmp_path):
+    assert main(["quantize", "--recipes", "nvfp4", "--target-gpu", "T4", "--runs", str(tmp_path)]) == 7
+    assert "needs compute capability >= 8.0" in err_of(capsys)
+    assert main(["quantize", "--recipes", "fp8", "--target-gpu", "H10", "--runs", str(tmp_path)]) == 3
+    assert "Did you mean: H100" in err_of(capsys)
+
+
+def test_bad_recipe_yaml(capsys, tmp_path):
+    p = tmp_path / "fp8x.yaml"
+    p.write_text("name: fp8x\ndescription: d\nfamily: 8bit\nquant:\n  scheme: fp8_dynamic\n  ignor: [lm_head]\n")
+    assert main(["quantize", "--recipes", str(p), "--runs", str(tmp_path)]) == 3
+    assert "unknown key 'quant.ignor'" in err_of(capsys)
+
+
+def test_bad_usage_is_config_error(capsys):
+    assert main(["quantize", "--no-such-flag"]) == 3
+
+
+def test_eval_without_quantize_output(capsys, tmp_path):
+    assert main(["eval", "--model", str(tmp_path / "x"), "--runs", str(tmp_path)]) == 1
+    assert "run `make quantize` first" in err_of(capsys)
+
+
+def test_bench_bad_config(capsys, tmp_path):
+    p = tmp_path / "b.yaml"
+    p.write_text("slo: {ttft_p95_s: -1}\n")
+    assert main(["bench", "--config", str(p), "--runs", str(tmp_path)]) == 3
+    assert "slo.ttft_p95_s" in err_of(capsys)
+
+
+def test_out_of_disk_exit_code(capsys, tmp_path, monkeypatch):
+    import shutil
+
+    from quantize import model as qmodel
+
+    tiny = tmp_path / "m"
+    tiny.mkdir()
+    (tiny / "config.json").write_text("{}")
+    monkeypatch.setattr(qmodel, "linear_input_widths", lambda p: {})
+    import quantize.check as check
+
+    monkeypatch.setattr(check, "linear_input_widths", lambda p: {})
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("quantize.run.shutil.disk_usage", lambda p: usage._replace(free=0))
+    assert main(["quantize", "--model", str(tiny), "--recipes", "bf16", "--runs", str(tmp_path / "runs")]) == 8
+    assert "out of disk" in err_of(capsys)
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert not (tmp_path / "runs" / "m" / "bf16").exists()
+    assert Path(tmp_path / "m" / "config.json").is_file()
