@@ -59,8 +59,8 @@ def model_args_for_server(base_url: str, served_name: str, tokenizer: str, gener
 
 
 def model_args_for_hf(checkpoint: str) -> tuple[str, dict]:
-    # float32: per-choice log-likelihoods tie in bf16 on small models
-    return "hf", {"pretrained": checkpoint, "dtype": "float32", "device": "cpu", "batch_size": 8}
+    # bfloat16 as vLLM serves it; compressed-tensors also decompresses NVFP4 only into the checkpoint dtype
+    return "hf", {"pretrained": checkpoint, "dtype": "bfloat16", "device": "cpu", "batch_size": 8}
 
 
 def run_task(*, task: str, tm, lm: str, model_args: dict, limit: int | None, seed: int,  # noqa: ANN001

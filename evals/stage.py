@@ -80,7 +80,7 @@ class _Plan:
         self.result_dir, self.samples_dir = self.vdir / sub, self.vdir / sub / "samples"
 
     def flags(self) -> list[str]:
-        return self.cfg.args(cuda=False) if self.engine == "vllm" else ["hf", "float32"]
+        return self.cfg.args(cuda=False) if self.engine == "vllm" else ["hf", "bfloat16"]
 
     def cached(self, task: str, key: str) -> TaskResult | None:
         path = self.result_dir / f"{task}.json"
@@ -155,6 +155,8 @@ def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, sk
             done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, None)
         except RuntimeError as err:
             status, reason = "failed", str(err)
+    if not server_info and plan.engine == "vllm":
+        server_info = _previous_server_info(plan)  # all pairs cached: keep how they were served
     return EvalRun(
         variant=plan.manifest.recipe, status=status, reason=reason, engine=plan.engine,
         manifest_key=plan.manifest.content_key, tasks={t: done[t] for t in tasks if t in done},
@@ -164,6 +166,15 @@ def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, sk
                     "task_hashes": {t: hashes[t] for t in tasks}, "task_sources": sources},
         wall_seconds=round(time.perf_counter() - started, 1),
     )
+
+
+def _previous_server_info(plan: _Plan) -> dict:
+    path = plan.vdir / "eval.json"
+    try:
+        old = EvalRun.read(path) if path.is_file() else None
+    except ArtifactError:
+        return {}
+    return old.server if old and old.manifest_key == plan.manifest.content_key and old.engine == "vllm" else {}
 
 
 def add_comparisons(run: EvalRun, baseline: EvalRun) -> EvalRun:

@@ -69,10 +69,12 @@ def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int
             "recovery": comp.get("recovery"), "higher_is_better": hib}
     ci = f"delta {d:+.4f} (95% CI {lo:+.4f}..{hi:+.4f}), margin {margin:.4f}, n={comp['n_items']}"
     rec = comp.get("recovery")
-    if recovery_floor is not None and rec is not None and rec < recovery_floor:
-        return Check(f"quality:{task}", "fail", f"{task}: recovery {rec:.1%} < floor {recovery_floor:.0%}; {ci}", nums)
+    low_recovery = recovery_floor is not None and rec is not None and rec < recovery_floor
+    rec_txt = f"; recovery {rec:.1%} < floor {recovery_floor:.0%}" if low_recovery else ""
     if worse_best > margin:
-        return Check(f"quality:{task}", "fail", f"{task}: worse than bf16 beyond the margin: {ci}", nums)
+        return Check(f"quality:{task}", "fail", f"{task}: worse than bf16 beyond the margin: {ci}{rec_txt}", nums)
+    if low_recovery:
+        return Check(f"quality:{task}", "fail", f"{task}: recovery {rec:.1%} < floor {recovery_floor:.0%}; {ci}", nums)
     if comp["n_items"] < min_items:
         return Check(f"quality:{task}", "inconclusive",
                      f"{task}: only {comp['n_items']} items (< {min_items}): too few to show non-inferiority; {ci}",
