@@ -193,12 +193,7 @@ class VllmServer:
 
     def _error(self, headline: str) -> ServerError:
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
-        reason = ""
-        for line in reversed(lines):
-            m = _ERROR_LINE.search(line)
-            if m:
-                reason = f"{m.group(1)}: {m.group(3).strip()}"
-                break
+        reason = _root_cause(lines)
         unsupported = bool(reason and _UNSUPPORTED.search(reason))
         msg = f"{headline}: {reason}" if reason else headline
         return ServerError(f"{msg} (log: {self.log_path})", log_tail=lines[-25:], unsupported=unsupported)
@@ -224,6 +219,23 @@ class VllmServer:
     def provenance(self) -> dict[str, object]:
         return {"engine": "vllm", "command": self.command()[1:], "cuda": self.cuda,
                 "config": json.loads(json.dumps(self.config.__dict__))}
+
+
+_WRAPPERS = re.compile(r"See (root cause|stack trace)|initialization failed|failed to start", re.IGNORECASE)
+
+
+def _root_cause(lines: list[str]) -> str:
+    """vLLM's first real error (e.g. "ValueError: Failed to find a kernel ..."), not the wrappers that follow."""
+    errors = []
+    for line in lines:
+        m = _ERROR_LINE.search(line)
+        if m and " WARNING " not in line:
+            errors.append(f"{m.group(1)}: {m.group(3).strip()}")
+    for err in errors:
+        if _UNSUPPORTED.search(err):
+            return err
+    real = [e for e in errors if not _WRAPPERS.search(e)]
+    return (real or errors or [""])[0]
 
 
 def _signal_group(pid: int, sig: int) -> None:
