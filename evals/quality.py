@@ -34,8 +34,8 @@ def check_tasks(tasks: list[str], tm) -> None:  # noqa: ANN001
     known = set(tm.all_tasks)
     for t in tasks:
         if t not in known:
-            raise ConfigError(did_you_mean(t, sorted(k for k in known if not k.startswith("_"))[:2000], "task")
-                              if len(known) < 5000 else f"Unknown task '{t}'")
+            names = sorted(k for k in known if not k.startswith("_"))
+            raise ConfigError(did_you_mean(t, names, "task") + " (lm-eval tasks, plus --include-path folders)")
 
 
 def output_type(task: str, tm) -> str:  # noqa: ANN001

@@ -79,4 +79,5 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...], what: str) -> 
     """`Unknown recipe 'fp4'. Did you mean: nvfp4? Available: ...` (lm-eval's registry style)."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return f"Unknown {what} '{name}'.{hint} Available: {', '.join(sorted(choices))}"
+    listing = ", ".join(sorted(choices)) if len(choices) <= 30 else f"{len(choices)} names"
+    return f"Unknown {what} '{name}'.{hint} Available: {listing}"
