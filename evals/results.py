@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from quantgate.errors import ArtifactError
+from quantgate.artifact import Artifact
 
 EVAL_SCHEMA_VERSION = 1
 BENCH_SCHEMA_VERSION = 1
 Status = Literal["ok", "skipped", "failed", "unsupported"]
 
 
-class _Artifact(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    def write(self, path: Path) -> None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.model_dump_json(indent=1) + "\n")
-        tmp.replace(path)  # atomic: a reader never sees half a file
-
-    @classmethod
-    def read(cls, path: Path):  # noqa: ANN206
-        if not path.is_file():
-            raise ArtifactError(f"missing {path.name} at {path}: run the stage that writes it first")
-        try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except (ValidationError, json.JSONDecodeError) as err:
-            raise ArtifactError(f"invalid {path}: {str(err).splitlines()[0]}; rerun the stage") from None
+class _Artifact(Artifact):
+    producer: ClassVar[str] = "`make eval` / `make bench`"
 
 
 class TaskResult(_Artifact):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from quantgate.errors import ArtifactError
+from quantgate.artifact import Artifact
 
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -22,8 +20,8 @@ class ModelRef(BaseModel):
     source: str
 
 
-class CheckpointManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CheckpointManifest(Artifact):
+    producer: ClassVar[str] = "`make quantize`"
     schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
     kind: Literal["checkpoint"] = "checkpoint"
     content_key: str  # hash of model revision + recipe hash + calibration + versions: a rerun with it skips
@@ -42,15 +40,3 @@ class CheckpointManifest(BaseModel):
     quantization: dict[str, Any]  # summary of config.json's quantization_config (None for bf16)
     serve: dict[str, Any]  # the recipe's serving spec, for the eval stage
     created_at: str
-
-    def write(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=2) + "\n")
-
-    @classmethod
-    def read(cls, path: Path) -> CheckpointManifest:
-        if not path.is_file():
-            raise ArtifactError(f"missing manifest {path}: run `make quantize` first")
-        try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except (ValidationError, json.JSONDecodeError) as err:
-            raise ArtifactError(f"invalid manifest {path}: {str(err).splitlines()[0]}; rerun `make quantize`") from None
