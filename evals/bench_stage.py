@@ -187,6 +187,7 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     kv_tokens = server_info.get("kv_cache_tokens")
     mem["kv_cache_tokens"] = kv_tokens
     mem["weights_gib"] = server_info.get("weights_gib")
+    mem["checkpoint_gib_reported_by_vllm"] = server_info.get("checkpoint_gib")
     mem["context_len"] = cfg.context_len
     mem["max_concurrent_sequences_at_context_len"] = max_sequences(kv_tokens, cfg.context_len)
     point = slo_point(levels, cfg.slo, price) if levels else None

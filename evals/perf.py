@@ -109,25 +109,18 @@ def parse_metrics(text: str) -> dict[str, Any]:
     return out
 
 
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus-style quantile from cumulative buckets {upper_bound: count} (linear within a bucket)."""
+def histogram_bound(q: float, buckets: dict[float, float]) -> float | None:
+    """Upper bound of the bucket holding the q-quantile of cumulative buckets {le: count}: "<= this".
+
+    Not interpolated: with queue times mostly ~0, Prometheus-style linear interpolation would report
+    half of the first bucket's width, a number no request had.
+    """
     if not buckets:
         return None
-    bounds = sorted(buckets)
-    total = buckets[bounds[-1]]
+    total = buckets[max(buckets)]
     if total <= 0:
         return None
-    rank = q * total
-    prev_bound, prev_count = 0.0, 0.0
-    for b in bounds:
-        count = buckets[b]
-        if count >= rank:
-            if b == float("inf"):
-                return prev_bound
-            width = count - prev_count
-            return prev_bound + (b - prev_bound) * ((rank - prev_count) / width if width else 0.0)
-        prev_bound, prev_count = b, count
-    return prev_bound
+    return min(b for b, c in buckets.items() if c >= q * total)
 
 
 def summarize_scrapes(first: dict[str, Any], scrapes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -147,9 +140,9 @@ def summarize_scrapes(first: dict[str, Any], scrapes: list[dict[str, Any]]) -> d
     delta = {b: c - before.get(b, 0.0) for b, c in last.get("queue_time_buckets", {}).items()}
     out["request_queue_time_seconds"] = {
         "count": n, "mean": s / n if n else None,
-        "p50": histogram_quantile(0.5, delta), "p95": histogram_quantile(0.95, delta),
-        "peak_bucket_le": max((b for b, c in delta.items() if c > 0 and b != float("inf")), default=None)
-        if n else None,
+        "p50_le": histogram_bound(0.5, delta) if n else None,
+        "p95_le": histogram_bound(0.95, delta) if n else None,
+        "max_le": histogram_bound(1.0, delta) if n else None,
     }
     return out
 

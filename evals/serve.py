@@ -209,9 +209,12 @@ class VllmServer:
         if m:
             info["max_concurrency_context_len"] = int(m.group(1).replace(",", ""))
             info["max_concurrency"] = float(m.group(2))
-        m = re.search(r"Model loading took ([\d.]+) GiB", text)
+        m = re.search(r"Model loading took ([\d.]+) GiB", text)  # GPU builds: weights in device memory
         if m:
             info["weights_gib"] = float(m.group(1))
+        m = re.search(r"Checkpoint size: ([\d.]+) GiB", text)  # CPU builds print the checkpoint size instead
+        if m:
+            info["checkpoint_gib"] = float(m.group(1))
         if self.startup_seconds is not None:
             info["startup_seconds"] = self.startup_seconds
         return info

@@ -4,7 +4,7 @@ from evals.perf import (
     SLO,
     BenchConfig,
     cost_per_million,
-    histogram_quantile,
+    histogram_bound,
     load_bench_config,
     max_sequences,
     parse_metrics,
@@ -38,12 +38,14 @@ def test_parse_metrics_reads_the_four_signals():
     assert m["queue_time_buckets"] == {0.1: 4.0, 1.0: 9.0, float("inf"): 10.0}
 
 
-def test_histogram_quantile_interpolates_like_prometheus():
+def test_histogram_bound_is_the_bucket_holding_the_quantile():
     b = {0.1: 4.0, 1.0: 9.0, float("inf"): 10.0}
-    assert histogram_quantile(0.2, b) == pytest.approx(0.05)  # rank 2 of 4 in [0, 0.1]
-    assert histogram_quantile(0.65, b) == pytest.approx(0.1 + 0.9 * (6.5 - 4) / 5)
-    assert histogram_quantile(0.99, b) == 1.0  # +Inf bucket -> its lower bound
-    assert histogram_quantile(0.5, {}) is None
+    assert histogram_bound(0.2, b) == 0.1  # rank 2 of 10 lies in the first bucket
+    assert histogram_bound(0.4, b) == 0.1
+    assert histogram_bound(0.65, b) == 1.0
+    assert histogram_bound(1.0, b) == float("inf")
+    assert histogram_bound(0.5, {}) is None
+    assert histogram_bound(0.5, {1.0: 0.0, float("inf"): 0.0}) is None
 
 
 def test_summarize_uses_only_this_levels_requests():
@@ -53,6 +55,7 @@ def test_summarize_uses_only_this_levels_requests():
     s = summarize_scrapes(first, [first, later])
     assert s["request_queue_time_seconds"]["count"] == 4.0
     assert s["request_queue_time_seconds"]["mean"] == pytest.approx(0.5)
+    assert s["request_queue_time_seconds"]["p50_le"] == 0.1 and s["request_queue_time_seconds"]["max_le"] == 0.1
     assert s["kv_cache_usage_perc"]["peak"] == 0.5 and s["kv_cache_usage_perc"]["mean"] == pytest.approx(0.375)
 
 
