@@ -88,8 +88,11 @@ all: setup
 
 # The README's main command: the whole pipeline on the embedded default, sized for a 2-core CPU
 # (150 items per task: above the gate's 100-item minimum; `make all` scores every item).
+# A demo is read, not enforced: "the gate said no" (2) is a result here, so only tool errors fail it.
 demo:
-	$(MAKE) --no-print-directory all LIMIT=$(or $(LIMIT),150)
+	@$(MAKE) --no-print-directory all LIMIT=$(or $(LIMIT),150); rc=$$?; \
+	if [ $$rc -eq 2 ]; then echo "demo: the gate promoted nothing (CI would exit 2); read $(RUN)/report.html"; rc=0; fi; \
+	exit $$rc
 
 # --- tests and benchmarks ---
 test: setup chromium
