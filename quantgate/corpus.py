@@ -29,9 +29,22 @@ def _split_of(rel: str) -> Split:
     return "calibration" if hashlib.sha256(rel.encode()).digest()[0] % 2 == 0 else "heldout"
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def documents(split: Split, min_chars: int = 200) -> tuple[str, ...]:
-    """Docstrings of at least `min_chars`, in a stable order (sorted by file, then position)."""
+    """Docstrings of at least `min_chars`, unique, in a stable order (by file, then position).
+
+    The same docstring can sit in two modules (copied helpers); held-out text drops any that also
+    occur on the calibration side, so the two splits share no document.
+    """
+    docs = dict.fromkeys(_split_docs(split, min_chars))
+    if split == "heldout":
+        for d in _split_docs("calibration", min_chars):
+            docs.pop(d, None)
+    return tuple(docs)
+
+
+@lru_cache(maxsize=4)
+def _split_docs(split: Split, min_chars: int) -> tuple[str, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     out: list[str] = []
     for path in _stdlib_files():

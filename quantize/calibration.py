@@ -67,6 +67,18 @@ def _hub_texts(spec: CalibrationSpec, tokenizer: Any) -> tuple[list[str], str]:
     return texts, f"hub:{spec.dataset}/{spec.split}@{revision}"
 
 
+def fingerprint(spec: CalibrationSpec | None) -> str | None:
+    """What the calibration text *is*, for the content key: a changed corpus or file means a new checkpoint."""
+    if spec is None:
+        return None
+    if spec.source == "builtin":
+        return f"{corpus.CORPUS_ID}@{corpus.corpus_hash('calibration')}"
+    if spec.source == "file":
+        path = Path(str(spec.dataset)).expanduser()
+        return f"file@{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}" if path.is_file() else f"file:{path}"
+    return f"hub:{spec.dataset}/{spec.split}"  # the hub revision is recorded in the manifest after loading
+
+
 def build_dataset(spec: CalibrationSpec, tokenizer: Any) -> tuple[Any, str]:
     from datasets import Dataset
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from quantgate import provenance
 from quantgate.errors import GroupSizeError, NoSpaceError, QuantgateError
 from quantgate.memory import PeakRSS
+from quantize.calibration import fingerprint
 from quantize.hardware import check_target
 from quantize.manifest import CheckpointManifest, ModelRef
 from quantize.model import ResolvedModel
@@ -37,6 +38,7 @@ def content_key(model: ResolvedModel, recipe: Recipe) -> str:
         {
             "model": model.revision,
             "recipe": recipe.content_hash(),
+            "calibration_data": fingerprint(recipe.calibration),
             "versions": provenance.versions(_QUANT_VERSIONS),
         },
         sort_keys=True,
