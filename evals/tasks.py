@@ -23,7 +23,7 @@ BUILTIN_TASKS = ("qg_mmlu_dev", "qg_stdlib_ppl")
 DEFAULT_TASKS = ("qg_mmlu_dev", "qg_stdlib_ppl", "mmlu_pro")
 # lm-eval tasks whose data lives on the Hugging Face Hub: probed before use, skipped with a reason if unreachable.
 HUB_DATASETS = {"mmlu_pro": "TIGER-Lab/MMLU-Pro", "leaderboard_mmlu_pro": "TIGER-Lab/MMLU-Pro"}
-TASK_VERSION = 1
+TASK_VERSION = 2
 PPL_DOCS, PPL_MAX_CHARS = 200, 1500
 _Q = re.compile(r"^Q: (.*?)\n\(A\) (.*?) \(B\) (.*?) \(C\) (.*?) \(D\) (.*?)\nA: .*?The answer is \(([ABCD])\)",
                 re.DOTALL)
@@ -62,17 +62,18 @@ def stdlib_ppl_docs() -> list[dict]:
     return [{"text": d[:PPL_MAX_CHARS]} for d in docs]
 
 
+# Cloze form (the answer text is scored, not a letter), normalised by length: a 135M model answers "A" to
+# every lettered question, which measures nothing; scoring the answers themselves separates variants.
 _MMLU_YAML = {
     "task": "qg_mmlu_dev",
     "dataset_path": "json",
     "output_type": "multiple_choice",
     "test_split": "train",
-    "doc_to_text": "The following is a multiple choice question about {{subject.replace('_', ' ')}}.\n\n"
-                   "{{question}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
-    "doc_to_choice": ["A", "B", "C", "D"],
+    "doc_to_text": "The following is a question about {{subject.replace('_', ' ')}}.\n\n{{question}}\nAnswer:",
+    "doc_to_choice": "{{choices}}",
     "doc_to_target": "answer",
     "target_delimiter": " ",
-    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    "metric_list": [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
     "metadata": {"version": TASK_VERSION},
 }
 _PPL_YAML = {
@@ -109,7 +110,7 @@ def build_builtin_suite(cache_root: Path) -> BuiltSuite:
             cfg = dict(configs[task], dataset_kwargs={"data_files": {"train": str(jsonl)}})
             (folder / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         (folder / "done").write_text("ok\n")
-    sources = {"qg_mmlu_dev": "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json (MMLU dev, zero-shot MC)",
+    sources = {"qg_mmlu_dev": "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json (MMLU dev, zero-shot cloze MC)",
                "qg_stdlib_ppl": f"{corpus.CORPUS_ID}/heldout@{corpus.corpus_hash('heldout')}"}
     return BuiltSuite(folder, hashes, sources)
 

@@ -80,6 +80,10 @@ def build_verdict(run_dir: Path, policy: GatePolicy, run: dict[str, dict[str, An
     }
 
 
+def _letter(target: Any) -> Any:
+    return "ABCDEFGHIJ"[target] if isinstance(target, int) and 0 <= target < 10 else target
+
+
 def _choice(sample: dict[str, Any]) -> int | None:
     resps = sample.get("filtered_resps") or []
     try:
@@ -89,7 +93,7 @@ def _choice(sample: dict[str, Any]) -> int | None:
     return max(range(len(lls)), key=lls.__getitem__) if lls else None
 
 
-def flip_examples(run_dir: Path, variant: str, task: str, limit: int = 3) -> list[dict[str, Any]]:
+def flip_examples(run_dir: Path, variant: str, task: str, metric: str, limit: int = 3) -> list[dict[str, Any]]:
     """A few items whose correctness flipped between bf16 and the variant, from lm-eval's samples."""
     def read(name: str) -> dict[str, dict]:
         path = run_dir / name / "eval" / "samples" / f"{task}.jsonl"
@@ -101,14 +105,14 @@ def flip_examples(run_dir: Path, variant: str, task: str, limit: int = 3) -> lis
     out = []
     for doc_id in sorted(set(base) & set(cand), key=lambda x: int(x) if x.isdigit() else x):
         b, c = base[doc_id], cand[doc_id]
-        if b.get("acc") is None or b.get("acc") == c.get("acc"):
+        if b.get(metric) is None or b.get(metric) == c.get(metric):
             continue
         doc = c.get("doc") or {}
         letters = "ABCDEFGHIJ"
         bc, cc = _choice(b), _choice(c)
         out.append({
-            "doc_id": doc_id, "direction": "right→wrong" if b["acc"] else "wrong→right",
-            "question": str(doc.get("question", ""))[:240], "target": c.get("target"),
+            "doc_id": doc_id, "direction": "right→wrong" if b[metric] else "wrong→right",
+            "question": str(doc.get("question", ""))[:240], "target": _letter(c.get("target")),
             "bf16_choice": letters[bc] if bc is not None and bc < 10 else None,
             "variant_choice": letters[cc] if cc is not None and cc < 10 else None,
         })
@@ -126,7 +130,7 @@ def build_report_data(run_dir: Path, policy: GatePolicy) -> dict[str, Any]:
         flips = {}
         for task, comp in (ev.get("comparisons") or {}).items():
             if comp.get("right_to_wrong") is not None:
-                flips[task] = flip_examples(run_dir, name, task)
+                flips[task] = flip_examples(run_dir, name, task, comp["metric"].split(",")[0])
         variants.append({
             "name": name, "family": m["recipe_spec"]["family"], "description": m["recipe_spec"]["description"],
             "quantization": m["quantization"], "bytes_on_disk": m["bytes_on_disk"],
