@@ -73,6 +73,10 @@ def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int
     rec_txt = f"; recovery {rec:.1%} < floor {recovery_floor:.0%}" if low_recovery else ""
     if worse_best > margin:
         return Check(f"quality:{task}", "fail", f"{task}: worse than bf16 beyond the margin: {ci}{rec_txt}", nums)
+    if comp["n_items"] < min_items:
+        return Check(f"quality:{task}", "inconclusive",
+                     f"{task}: only {comp['n_items']} items (< {min_items}): too few to show non-inferiority; "
+                     f"{ci}{rec_txt}", nums)
     if low_recovery:
         # Like the margin, the floor fails only when even the CI's best case is below it: near-chance
         # baselines make the point estimate of a ratio swing with a single flipped item.
@@ -82,10 +86,6 @@ def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int
                          f"{task}: recovery {rec:.1%} (at best {best:.1%}) < floor {recovery_floor:.0%}; {ci}", nums)
         return Check(f"quality:{task}", "inconclusive",
                      f"{task}: recovery {rec:.1%} < floor {recovery_floor:.0%}, but the CI reaches the floor; {ci}",
-                     nums)
-    if comp["n_items"] < min_items:
-        return Check(f"quality:{task}", "inconclusive",
-                     f"{task}: only {comp['n_items']} items (< {min_items}): too few to show non-inferiority; {ci}",
                      nums)
     if worse_worst <= margin:
         return Check(f"quality:{task}", "pass", f"{task}: non-inferior: {ci}", nums)
