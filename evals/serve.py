@@ -90,6 +90,11 @@ class ServeConfig:
         return out + list(self.extra_args)
 
 
+def deploy_command(checkpoint: Path, name: str, config: ServeConfig) -> str:
+    """The equivalent `vllm serve` line for a GPU deployment (what the verdict recommends)."""
+    return " ".join(["vllm", "serve", str(checkpoint), "--served-model-name", name, *config.args(cuda=True)])
+
+
 class VllmServer:
     """`with VllmServer(ckpt, name="fp8", log_path=...) as srv: srv.base_url` (OpenAI-compatible)."""
 
@@ -120,9 +125,7 @@ class VllmServer:
                 *self.config.args(self.cuda)]
 
     def deploy_command(self) -> str:
-        """The equivalent `vllm serve` line for production (what the verdict recommends)."""
-        args = self.config.args(cuda=True)
-        return " ".join(["vllm", "serve", str(self.checkpoint), "--served-model-name", self.name, *args])
+        return deploy_command(self.checkpoint, self.name, self.config)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -13,6 +13,7 @@ from typing import Any
 
 from evals.results import BenchRun, EvalRun
 from evals.serve import ServeConfig
+from evals.serve import deploy_command as serve_deploy_command
 from quantgate.errors import ArtifactError
 from quantize.manifest import CheckpointManifest
 from reports.gate import GatePolicy, decide_variant, recommend
@@ -48,8 +49,7 @@ def load_run(run_dir: Path) -> dict[str, dict[str, Any]]:
 def deploy_command(run_dir: Path, name: str, manifest: dict[str, Any]) -> str:
     serve = manifest.get("serve", {})
     cfg = ServeConfig(kv_cache_dtype=serve.get("kv_cache_dtype", "auto"), extra_args=serve.get("extra_args", []))
-    ckpt = (run_dir / name / manifest["checkpoint_dir"]).resolve()
-    return " ".join(["vllm", "serve", str(ckpt), "--served-model-name", name, *cfg.args(cuda=True)])
+    return serve_deploy_command((run_dir / name / manifest["checkpoint_dir"]).resolve(), name, cfg)
 
 
 def build_verdict(run_dir: Path, policy: GatePolicy, run: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
