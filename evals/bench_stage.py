@@ -142,7 +142,7 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     vdir = run_dir / manifest.recipe
     out_path = vdir / "bench.json"
     scfg = serve_config(manifest)
-    key = bench_key(manifest, cfg, scfg.args(cuda=False))
+    key = bench_key(manifest, cfg, scfg.args(cuda=on_cuda()))
     if not force and out_path.is_file():
         try:
             old = BenchRun.read(out_path)

@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from quantgate.errors import QuantgateError
@@ -50,6 +51,7 @@ def serve_python() -> str:
     return str(venv) if venv.is_file() else sys.executable
 
 
+@lru_cache(maxsize=1)
 def on_cuda() -> bool:
     """Whether the server will have a GPU: nvidia-smi answers. Overridable for tests/CI."""
     forced = os.environ.get("QUANTGATE_DEVICE")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from evals.compare import compare
 from evals.quality import check_tasks, model_args_for_hf, model_args_for_server, output_type, run_task, task_manager
 from evals.results import EvalRun, TaskResult
-from evals.serve import ServeConfig, ServerError, VllmServer, serve_python
+from evals.serve import ServeConfig, ServerError, VllmServer, on_cuda, serve_python
 from evals.tasks import BUILTIN_TASKS, DEFAULT_TASKS, build_builtin_suite, hub_skip_reason, user_task_hash
 from quantgate import provenance
 from quantgate.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
@@ -80,7 +80,8 @@ class _Plan:
         self.result_dir, self.samples_dir = self.vdir / sub, self.vdir / sub / "samples"
 
     def flags(self) -> list[str]:
-        return self.cfg.args(cuda=False) if self.engine == "vllm" else ["hf", "bfloat16"]
+        # the flags the server really gets here (GPU and CPU differ), so cache keys and provenance match
+        return self.cfg.args(cuda=on_cuda()) if self.engine == "vllm" else ["hf", "bfloat16"]
 
     def cached(self, task: str, key: str) -> TaskResult | None:
         path = self.result_dir / f"{task}.json"
