@@ -22,7 +22,7 @@ VENVS := .venvs
 QPY := $(VENVS)/quantize/bin/python
 SPY := $(VENVS)/serve/bin/python
 QG := $(VENVS)/quantize/bin/quantgate
-SLUG = $(shell $(QPY) -c "from quantize.model import slug_for; print(slug_for('$(MODEL)' or None))")
+SLUG = $(shell $(QPY) -c "from qgcore.paths import slug_for; print(slug_for('$(MODEL)' or None))")
 RUN ?= $(RUNS)/$(SLUG)
 
 opt = $(if $(2),$(1) $(2))
@@ -105,7 +105,7 @@ lint: $(VENVS)/quantize/.ok
 	$(QPY) -m ruff check quantgate quantize evals reports tests
 
 bench-eval: setup
-	$(QPY) -m evals.bench_eval $(call opt,--model,$(MODEL)) $(call opt,--limit,$(LIMIT)) --runs $(RUNS)
+	$(QPY) -m quantgate.bench_eval $(call opt,--model,$(MODEL)) $(call opt,--limit,$(LIMIT)) --runs $(RUNS)
 
 clean:
 	rm -rf $(RUNS) .cache/tasks

@@ -8,7 +8,6 @@ server process tree plus checkpoint bytes on disk, labelled as such; on GPU, NVM
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import threading
@@ -28,14 +27,15 @@ from evals.perf import (
     slo_point,
     summarize_scrapes,
 )
-from evals.results import BenchRun
 from evals.serve import ServerError, VllmServer, on_cuda
-from evals.stage import serve_config, variant_manifests, vllm_version
-from quantgate import provenance
-from quantgate.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
-from quantgate.memory import PeakRSS
-from quantize.manifest import CheckpointManifest
-from quantize.model import slug_for
+from evals.variants import checkpoint_key, variant_manifests, vllm_version
+from qgcore import provenance
+from qgcore.artifacts import BenchRun, CheckpointManifest
+from qgcore.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
+from qgcore.hashing import content_key
+from qgcore.memory import PeakRSS
+from qgcore.paths import slug_for
+from qgcore.serving import ServeConfig
 
 _BENCH_MAIN = (
     "import argparse, sys\n"
@@ -132,16 +132,15 @@ def run_level(server: VllmServer, checkpoint: Path, cfg: BenchConfig, concurrenc
 
 
 def bench_key(manifest: CheckpointManifest, cfg: BenchConfig, flags: list[str]) -> str:
-    blob = json.dumps({"ckpt": manifest.content_key, "cfg": cfg.model_dump(mode="json"), "flags": flags,
-                       "vllm": vllm_version()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_key({"ckpt": checkpoint_key(manifest), "cfg": cfg.model_dump(mode="json"), "flags": flags,
+                        "vllm": vllm_version()})
 
 
 def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig, force: bool,
                   progress: tqdm | None = None) -> BenchRun:
     vdir = run_dir / manifest.recipe
     out_path = vdir / "bench.json"
-    scfg = serve_config(manifest)
+    scfg = ServeConfig.from_spec(manifest.serve)
     key = bench_key(manifest, cfg, scfg.args(cuda=on_cuda()))
     if not force and out_path.is_file():
         try:
@@ -157,7 +156,7 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     status, reason, tail, server_info = "ok", None, [], {}
     mem: dict[str, Any] = {"checkpoint_bytes_on_disk": manifest.bytes_on_disk}
     server = VllmServer(vdir / manifest.checkpoint_dir, name=manifest.recipe, log_path=vdir / "logs" /
-                        "bench-server.log", config=scfg)
+                        "bench-server.log", config=scfg, scheme=manifest.recipe_spec["quant"]["scheme"])
     try:
         with server:
             server_info = server.provenance() | server.startup_info()

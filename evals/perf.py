@@ -13,7 +13,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantgate.errors import ConfigError
+from qgcore.errors import ConfigError, format_validation_error
 
 # On-demand list prices in USD per GPU-hour (typical cloud, late 2026); override in the bench YAML.
 DEFAULT_PRICES = {"H100": 2.40, "H200": 3.20, "A100": 1.50, "L40S": 1.00, "L4": 0.70, "B200": 5.00, "cpu": 0.10}
@@ -79,10 +79,7 @@ def load_bench_config(path: Path | None, concurrency: str | None = None) -> Benc
     try:
         return BenchConfig.model_validate(data)
     except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"])
-        what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        raise ConfigError(f"bench config {path or '(defaults)'}: {loc}: {what}") from None
+        raise ConfigError(format_validation_error(f"bench config {path or '(defaults)'}", err)) from None
 
 
 # --- /metrics -------------------------------------------------------------------------------------

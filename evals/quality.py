@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from quantgate.errors import ConfigError, did_you_mean
+from qgcore.errors import ConfigError, did_you_mean
 
 log = logging.getLogger("quantgate.eval")
 _PRIMARY = ("acc", "exact_match", "bits_per_byte", "acc_norm", "f1", "bleu")
 _LN2 = math.log(2)
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # task data is local; a hub task is probed first
+_LETTERS = "ABCDEFGHIJKLMNOP"
 
 
 def task_manager(include_paths: list[Path]):  # noqa: ANN201
@@ -36,13 +35,6 @@ def check_tasks(tasks: list[str], tm) -> None:  # noqa: ANN001
         if t not in known:
             names = sorted(k for k in known if not k.startswith("_"))
             raise ConfigError(did_you_mean(t, names, "task") + " (lm-eval tasks, plus --include-path folders)")
-
-
-def output_type(task: str, tm) -> str:  # noqa: ANN001
-    from lm_eval.tasks import get_task_dict
-
-    obj = get_task_dict([task], tm)[task]
-    return getattr(obj, "OUTPUT_TYPE", None) or obj.config.output_type
 
 
 def model_args_for_server(base_url: str, served_name: str, tokenizer: str, generative: bool) -> tuple[str, dict]:
@@ -77,12 +69,19 @@ def run_task(*, task: str, tm, lm: str, model_args: dict, limit: int | None, see
     wall = time.perf_counter() - started
     if out is None:
         raise RuntimeError("lm-eval returned no results")
-    samples = out["samples"][task]
+    samples = group_samples(task, out["samples"])
     samples_path.parent.mkdir(parents=True, exist_ok=True)
     with samples_path.open("w") as fh:
         for s in samples:
             fh.write(json.dumps(s, default=str) + "\n")
     return parse_results(task, out, samples) | {"wall_seconds": round(wall, 2)}
+
+
+def group_samples(task: str, by_task: dict[str, list[dict]]) -> list[dict]:
+    """A task's samples; for a group (mmlu_pro is 14 subjects) every subtask's, ids made unique by subtask."""
+    if task in by_task:
+        return by_task[task]
+    return [s | {"doc_id": f"{sub}:{s['doc_id']}"} for sub in sorted(by_task) for s in by_task[sub]]
 
 
 def parse_results(task: str, out: dict, samples: list[dict]) -> dict[str, Any]:
@@ -107,6 +106,7 @@ def parse_results(task: str, out: dict, samples: list[dict]) -> dict[str, Any]:
             binary = binary and float(v) in (0.0, 1.0)
     cfg = out.get("configs", {}).get(task, {})
     stderr = res.get(f"{primary}_stderr,{key.split(',', 1)[1]}")
+    chance, examples = _choices(samples, primary, cfg)
     return {
         "metric": key, "higher_is_better": hib, "binary": binary and bool(items),
         "value": float(metrics[key]),
@@ -114,4 +114,58 @@ def parse_results(task: str, out: dict, samples: list[dict]) -> dict[str, Any]:
         "metrics": metrics, "n_items": len(items), "items": items,
         "task_version": out.get("versions", {}).get(task),
         "num_fewshot": out.get("n-shot", {}).get(task, cfg.get("num_fewshot")),
+        "chance": chance, "examples": examples,
     }
+
+
+def _choices(samples: list[dict], primary: str, cfg: dict) -> tuple[float | None, dict[str, dict[str, Any]]]:
+    """Chance rate and, per item, the choice under the scored metric with the top-two margin.
+
+    Multiple choice: the argmax of the log-likelihoods, normalised by the choice's length in characters
+    where the metric is acc_norm (as lm-eval scores it). Generative tasks with listed options (MMLU-Pro):
+    chance is 1/options and the choice is the extracted answer. Perplexity tasks: (None, {}).
+    """
+    delim = cfg.get("target_delimiter", " ")
+    rates, examples = [], {}
+    for s in samples:
+        doc = s.get("doc") or {}
+        question = str(doc.get("question", doc.get("query", "")))[:240]
+        resps = s.get("filtered_resps") or []
+        args = s.get("arguments") or []
+        lls = []
+        for r in resps:
+            head = r[0] if isinstance(r, (list, tuple)) else r
+            if isinstance(head, (int, float)) and not isinstance(head, bool):
+                lls.append(float(head))
+        if lls and len(lls) == len(resps) and len(lls) > 1:
+            scores = lls
+            if primary == "acc_norm" and len(args) == len(lls):
+                lens = [max(len(_continuation(a)[len(delim):] if _continuation(a).startswith(delim)
+                                else _continuation(a)), 1) for a in args]
+                scores = [ll / n for ll, n in zip(lls, lens, strict=True)]
+            order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+            rates.append(1 / len(scores))
+            target = s.get("target")
+            examples[str(s["doc_id"])] = {
+                "question": question, "target": _LETTERS[target] if isinstance(target, int) and target < 16 else target,
+                "choice": _LETTERS[order[0]] if order[0] < 16 else order[0],
+                "margin": round(scores[order[0]] - scores[order[1]], 6),
+            }
+            continue
+        options = doc.get("options") or doc.get("choices")
+        if isinstance(options, list) and options:
+            rates.append(1 / len(options))
+            resp = resps[0] if resps else None
+            examples[str(s["doc_id"])] = {"question": question, "target": doc.get("answer", s.get("target")),
+                                          "choice": resp if isinstance(resp, str) else None, "margin": None}
+    chance = sum(rates) / len(rates) if rates and len(rates) == len(samples) else None
+    return chance, examples
+
+
+def _continuation(arg: Any) -> str:
+    """An lm-eval request argument (context, continuation) as saved in samples: the continuation text."""
+    if isinstance(arg, (list, tuple)) and len(arg) >= 2:
+        return str(arg[1])
+    if isinstance(arg, dict):
+        return str(arg.get("arg_1", ""))
+    return ""

@@ -20,17 +20,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from quantgate.errors import QuantgateError
+from qgcore.errors import QuantgateError
+from qgcore.serving import ServeConfig, deploy_command
+
+__all__ = ["ServeConfig", "VllmServer", "deploy_command"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# vLLM refusals that mean "this scheme cannot run on this hardware/build", as opposed to a broken setup.
-_UNSUPPORTED = re.compile(
-    r"Failed to find a kernel|not supported|NotImplementedError|Unsupported|requires AMX|"
-    r"no kernel|is not available on|only supported", re.IGNORECASE)
+# vLLM's own refusals of a quantization scheme for want of a kernel on this platform. Only these, and only
+# for a scheme the platform table below says has no kernel here, make a variant "unsupported"; every other
+# failure (a truncated or corrupt checkpoint, a missing tokenizer, a config that lies) is "failed".
+_UNSUPPORTED = re.compile(r"Failed to find a kernel that can implement|No compressed-tensors compatible scheme")
+# platform -> schemes vLLM has no kernel for there (CPU builds: NVFP4 has no CPU GEMM).
+NO_KERNELS: dict[str, frozenset[str]] = {"cpu": frozenset({"nvfp4"}), "cuda": frozenset()}
 _ERROR_LINE = re.compile(r"(\w+(Error|Exception)): (.+)$")
 
 
@@ -69,40 +73,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class ServeConfig:
-    """Flags that change what is served; all of them go into eval/bench provenance and cache keys."""
-
-    kv_cache_dtype: str = "auto"
-    max_model_len: int = 2048
-    seed: int = 0
-    enable_prefix_caching: bool = True  # production default in the seed playbook
-    extra_args: list[str] = field(default_factory=list)
-    cpu_kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE on CPU builds
-    gpu_memory_utilization: float = 0.85
-
-    def args(self, cuda: bool) -> list[str]:
-        out = ["--seed", str(self.seed), "--max-model-len", str(self.max_model_len),
-               "--kv-cache-dtype", self.kv_cache_dtype]
-        out.append("--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching")
-        if cuda:
-            out += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-        else:
-            out.append("--enforce-eager")  # torch.compile warm-up costs ~90 s on CPU and buys little here
-        return out + list(self.extra_args)
-
-
-def deploy_command(checkpoint: Path, name: str, config: ServeConfig) -> str:
-    """The equivalent `vllm serve` line for a GPU deployment (what the verdict recommends)."""
-    return " ".join(["vllm", "serve", str(checkpoint), "--served-model-name", name, *config.args(cuda=True)])
-
-
 class VllmServer:
     """`with VllmServer(ckpt, name="fp8", log_path=...) as srv: srv.base_url` (OpenAI-compatible)."""
 
     def __init__(self, checkpoint: Path, *, name: str, log_path: Path, config: ServeConfig | None = None,
-                 startup_timeout: float = 600.0, python: str | None = None):
+                 startup_timeout: float = 600.0, python: str | None = None, scheme: str | None = None):
         self.checkpoint, self.name, self.log_path = Path(checkpoint), name, Path(log_path)
+        self.scheme = scheme  # the recipe's quantization scheme: decides whether a refusal is "unsupported"
         self.config = config or ServeConfig()
         self.startup_timeout = startup_timeout
         self.python = python or serve_python()
@@ -199,7 +176,8 @@ class VllmServer:
     def _error(self, headline: str) -> ServerError:
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
         reason = _root_cause(lines)
-        unsupported = bool(reason and _UNSUPPORTED.search(reason))
+        platform = "cuda" if self.cuda else "cpu"
+        unsupported = bool(reason and _UNSUPPORTED.search(reason)) and self.scheme in NO_KERNELS[platform]
         msg = f"{headline}: {reason}" if reason else headline
         return ServerError(f"{msg} (log: {self.log_path})", log_tail=lines[-25:], unsupported=unsupported)
 
@@ -214,7 +192,7 @@ class VllmServer:
         if m:
             info["max_concurrency_context_len"] = int(m.group(1).replace(",", ""))
             info["max_concurrency"] = float(m.group(2))
-        m = re.search(r"Model loading took ([\d.]+) GiB", text)  # GPU builds: weights in device memory
+        m = re.search(r"Model loading took ([\d.]+) ?GiB", text)  # GPU builds: weights in device memory
         if m:
             info["weights_gib"] = float(m.group(1))
         m = re.search(r"Checkpoint size: ([\d.]+) GiB", text)  # CPU builds print the checkpoint size instead

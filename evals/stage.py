@@ -10,62 +10,53 @@ other variants still run and the exit code is 9.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
 import time
-from functools import lru_cache
 from pathlib import Path
 
 from tqdm import tqdm
 
-from evals.compare import compare
-from evals.quality import check_tasks, model_args_for_hf, model_args_for_server, output_type, run_task, task_manager
-from evals.results import EvalRun, TaskResult
-from evals.serve import ServeConfig, ServerError, VllmServer, on_cuda, serve_python
-from evals.tasks import BUILTIN_TASKS, DEFAULT_TASKS, build_builtin_suite, hub_skip_reason, user_task_hash
-from quantgate import provenance
-from quantgate.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
-from quantize.manifest import CheckpointManifest
-from quantize.model import CACHE_DIR, slug_for
+from evals.quality import check_tasks, model_args_for_hf, model_args_for_server, run_task, task_manager
+from evals.serve import ServerError, VllmServer, on_cuda
+from evals.tasks import (
+    BUILTIN_TASKS,
+    DEFAULT_TASKS,
+    build_builtin_suite,
+    dataset_skip_reason,
+    task_info,
+    user_task_hash,
+)
+from evals.variants import checkpoint_key, variant_manifests, vllm_version
+from qgcore import provenance
+from qgcore.artifacts import CheckpointManifest, EvalRun, TaskResult, quantization_summary
+from qgcore.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
+from qgcore.hashing import content_key
+from qgcore.paths import CACHE_DIR, slug_for
+from qgcore.serving import ServeConfig
+from qgcore.stats import compare_runs
+from qgcore.vocab import EMULATED
 
-EMULATED = "emulated (transformers)"
 SEED = 0
-
-
-@lru_cache(maxsize=1)
-def vllm_version() -> str:
-    """Version of vLLM in the serving environment (another venv), asked once."""
-    try:
-        out = subprocess.run([serve_python(), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
-                             text=True, timeout=120, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unavailable"
-    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else "unavailable"
-
-
-def variant_manifests(run_dir: Path, recipes: list[str] | None) -> list[CheckpointManifest]:
-    """Manifests of the requested (default: all finished) variants, bf16 first; bf16 is required."""
-    if not run_dir.is_dir():
-        raise ArtifactError(f"no run folder {run_dir}: run `make quantize` first")
-    names = recipes or sorted(p.parent.name for p in run_dir.glob("*/manifest.json"))
-    if "bf16" not in names:
-        names = ["bf16", *names]
-    manifests = [CheckpointManifest.read(run_dir / n / "manifest.json") for n in names]
-    return sorted(manifests, key=lambda m: (m.recipe != "bf16", names.index(m.recipe)))
-
-
-def serve_config(manifest: CheckpointManifest) -> ServeConfig:
-    spec = manifest.serve
-    return ServeConfig(kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), extra_args=list(spec.get("extra_args", [])))
 
 
 def pair_key(manifest: CheckpointManifest, task: str, task_hash: str, limit: int | None, engine: str,
              flags: list[str]) -> str:
-    blob = json.dumps({"ckpt": manifest.content_key, "task": task, "task_hash": task_hash, "limit": limit,
-                       "seed": SEED, "engine": engine, "flags": flags,
-                       "versions": provenance.versions(("lm_eval",)) | {"vllm": vllm_version()}}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_key({"ckpt": checkpoint_key(manifest), "task": task, "task_hash": task_hash, "limit": limit,
+                        "seed": SEED, "engine": engine, "flags": flags,
+                        "versions": provenance.versions(("lm_eval",)) | {"vllm": vllm_version()}})
+
+
+def config_mismatch(checkpoint: Path, manifest: CheckpointManifest) -> str | None:
+    """Why the checkpoint's config.json no longer says what the manifest recorded (None if it does): a
+    checkpoint whose quantization_config lies must fail, not be served as something else."""
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{checkpoint / 'config.json'} unreadable: {type(err).__name__}: {err}"
+    if quantization_summary(config) != manifest.quantization:
+        return (f"{checkpoint / 'config.json'}: quantization_config disagrees with the manifest "
+                f"(manifest {manifest.quantization}; config {quantization_summary(config)})")
+    return None
 
 
 class _Plan:
@@ -75,7 +66,7 @@ class _Plan:
         self.manifest, self.engine = manifest, engine
         self.vdir = run_dir / manifest.recipe
         self.checkpoint = self.vdir / manifest.checkpoint_dir
-        self.cfg = serve_config(manifest)
+        self.cfg = ServeConfig.from_spec(manifest.serve)
         sub = "eval" if engine == "vllm" else "eval-emulated"
         self.result_dir, self.samples_dir = self.vdir / sub, self.vdir / sub / "samples"
 
@@ -100,7 +91,7 @@ class _Plan:
 
 def _score_tasks(plan: _Plan, tasks: list[str], keys: dict[str, str], hashes: dict[str, str],
                  sources: dict[str, str], skips: dict[str, str], tm, limit: int | None,  # noqa: ANN001
-                 server: VllmServer | None) -> dict[str, TaskResult]:
+                 server: VllmServer | None, generative: dict[str, bool]) -> dict[str, TaskResult]:
     out: dict[str, TaskResult] = {}
     for task in tasks:
         base = {"key": keys[task], "task": task, "engine": plan.engine, "task_hash": hashes[task],
@@ -108,15 +99,14 @@ def _score_tasks(plan: _Plan, tasks: list[str], keys: dict[str, str], hashes: di
         if task in skips:
             res = TaskResult(status="skipped", reason=skips[task], **base)
         else:
-            generative = output_type(task, tm) == "generate_until"
+            gen = generative[task]
             if server is not None:
-                lm, margs = model_args_for_server(server.base_url, plan.manifest.recipe, str(plan.checkpoint),
-                                                  generative)
+                lm, margs = model_args_for_server(server.base_url, plan.manifest.recipe, str(plan.checkpoint), gen)
             else:
                 lm, margs = model_args_for_hf(str(plan.checkpoint))
             try:
                 fields = run_task(task=task, tm=tm, lm=lm, model_args=margs, limit=limit, seed=SEED,
-                                  samples_path=plan.samples_dir / f"{task}.jsonl", generative=generative)
+                                  samples_path=plan.samples_dir / f"{task}.jsonl", generative=gen)
             except Exception as err:
                 if server is not None and not server.alive():
                     raise server._error(f"vLLM died while scoring {task}") from None
@@ -128,7 +118,7 @@ def _score_tasks(plan: _Plan, tasks: list[str], keys: dict[str, str], hashes: di
 
 
 def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, skips: dict, tm,  # noqa: ANN001
-                  limit: int | None, force: bool) -> EvalRun:
+                  limit: int | None, force: bool, generative: dict[str, bool]) -> EvalRun:
     started = time.perf_counter()
     keys = {t: pair_key(plan.manifest, t, hashes[t], limit, plan.engine, plan.flags()) for t in tasks}
     done = {} if force else {t: r for t in tasks if (r := plan.cached(t, keys[t])) is not None}
@@ -136,15 +126,18 @@ def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, sk
     server_info: dict = {}
     tail: list[str] = []
     status, reason = "ok", None
+    mismatch = config_mismatch(plan.checkpoint, plan.manifest) if pending else None
+    if mismatch:
+        status, reason, pending = "failed", mismatch, []
     if pending and all(t in skips for t in pending):
-        done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, None)
+        done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, None, generative)
     elif pending and plan.engine == "vllm":
         server = VllmServer(plan.checkpoint, name=plan.manifest.recipe, log_path=plan.vdir / "logs" / "eval-server.log",
-                            config=plan.cfg)
+                            config=plan.cfg, scheme=plan.manifest.recipe_spec["quant"]["scheme"])
         try:
             with server:
                 server_info = server.provenance() | server.startup_info()
-                done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, server)
+                done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, server, generative)
         except ServerError as err:
             status = "unsupported" if err.unsupported else "failed"
             reason = f"unsupported here: {err}" if err.unsupported else str(err)
@@ -153,7 +146,7 @@ def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, sk
             status, reason, tail = "failed", str(err), server.log_tail()
     elif pending:
         try:
-            done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, None)
+            done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, None, generative)
         except RuntimeError as err:
             status, reason = "failed", str(err)
     if not server_info and plan.engine == "vllm":
@@ -179,21 +172,15 @@ def _previous_server_info(plan: _Plan) -> dict:
 
 
 def add_comparisons(run: EvalRun, baseline: EvalRun) -> EvalRun:
-    comps = {}
-    for task, res in run.tasks.items():
-        base = baseline.tasks.get(task)
-        if res.status != "ok" or base is None or base.status != "ok" or run.variant == baseline.variant:
-            continue
-        c = compare({k: tuple(v) for k, v in base.items.items()}, {k: tuple(v) for k, v in res.items.items()},
-                    metric=res.metric or "", higher_is_better=res.higher_is_better, binary=res.binary)
-        comps[task] = c.to_dict()
-    return run.model_copy(update={"comparisons": comps, "comparison_engine": baseline.engine})
+    """95% paired comparisons for display; the gate recomputes them at its family-wise level."""
+    return run.model_copy(update={"comparisons": compare_runs(run, baseline), "comparison_engine": baseline.engine})
 
 
 def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
-                   include_path: Path | None, limit: int | None, emulate: bool, force: bool) -> int:
+                   include_path: Path | None, limit: int | None, emulate: bool, force: bool,
+                   verify: bool = False) -> int:
     run_dir = runs_root / slug_for(model)
-    manifests = variant_manifests(run_dir, recipes)
+    manifests = variant_manifests(run_dir, recipes, verify=verify)
     tasks = tasks or list(DEFAULT_TASKS)
     if include_path is not None and not include_path.is_dir():
         raise ArtifactError(f"--include-path {include_path} is not a folder of lm-eval task YAMLs")
@@ -201,7 +188,9 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
     tm = task_manager([suite.include_dir] + ([include_path] if include_path else []))
     check_tasks(tasks, tm)
     hashes = {t: suite.hashes.get(t) or user_task_hash(include_path, t) for t in tasks}
-    skips = {t: r for t in tasks if t not in BUILTIN_TASKS and (r := hub_skip_reason(t))}
+    infos = {t: task_info(t, tm) for t in tasks}
+    generative = {t: infos[t].output_type == "generate_until" for t in tasks}
+    skips = {t: r for t in tasks if t not in BUILTIN_TASKS and (r := dataset_skip_reason(t, infos[t]))}
     for t, r in skips.items():
         tqdm.write(f"quantgate: skipping {t}: {r}")
     runs: dict[str, EvalRun] = {}
@@ -209,7 +198,7 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
     for m in bar:
         bar.set_postfix_str(m.recipe)
         runs[m.recipe] = _eval_variant(_Plan(m, run_dir, "vllm"), tasks, hashes, suite.sources, skips, tm, limit,
-                                       force)
+                                       force, generative)
         r = runs[m.recipe]
         summary = ", ".join(f"{t}={x.value:.4f}" for t, x in r.tasks.items() if x.value is not None)
         tqdm.write(f"quantgate: {m.recipe}: {r.status} in {r.wall_seconds:.0f}s {summary} {r.reason or ''}".rstrip())
@@ -220,9 +209,11 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
             bf16 = manifests[0]
             for m in [bf16, *needs]:
                 emulated[m.recipe] = _eval_variant(_Plan(m, run_dir, EMULATED), tasks, hashes, suite.sources, skips,
-                                                   tm, limit, force)
+                                                   tm, limit, force, generative)
                 tqdm.write(f"quantgate: {m.recipe}: {EMULATED}: {emulated[m.recipe].status}")
     baseline = runs["bf16"]
+    if "bf16" in emulated:  # published: the gate compares emulated scores with this run, not with vLLM's
+        emulated["bf16"].write(run_dir / "bf16" / "eval-emulated.json")
     for name, run in runs.items():
         if name in emulated and name != "bf16":
             # an emulated score is compared with bf16 through the same engine, and labelled everywhere

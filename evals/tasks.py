@@ -16,15 +16,16 @@ from pathlib import Path
 
 import yaml
 
-from quantgate import corpus
-from quantgate.errors import ConfigError
+from qgcore import corpus
+from qgcore.errors import ConfigError, DatasetAccessError
 
-BUILTIN_TASKS = ("qg_mmlu_dev", "qg_stdlib_ppl")
-DEFAULT_TASKS = ("qg_mmlu_dev", "qg_stdlib_ppl", "mmlu_pro")
-# lm-eval tasks whose data lives on the Hugging Face Hub: probed before use, skipped with a reason if unreachable.
-HUB_DATASETS = {"mmlu_pro": "TIGER-Lab/MMLU-Pro", "leaderboard_mmlu_pro": "TIGER-Lab/MMLU-Pro"}
+BUILTIN_TASKS = ("qg_mmlu_dev", "qg_stdlib_cont", "qg_stdlib_ppl")
+# mmlu_pro (generative CoT, what published numbers use) runs wherever its dataset is reachable or cached;
+# elsewhere it is skipped with the reason, never substituted.
+DEFAULT_TASKS = ("qg_mmlu_dev", "qg_stdlib_cont", "qg_stdlib_ppl", "mmlu_pro")
 TASK_VERSION = 2
 PPL_DOCS, PPL_MAX_CHARS = 200, 1500
+CONT_ITEMS, CONT_CONTEXT, CONT_CHARS, CONT_CHOICES = 600, 240, 80, 4  # 600 items: in the gate's tested n
 _Q = re.compile(r"^Q: (.*?)\n\(A\) (.*?) \(B\) (.*?) \(C\) (.*?) \(D\) (.*?)\nA: .*?The answer is \(([ABCD])\)",
                 re.DOTALL)
 
@@ -57,6 +58,34 @@ def mmlu_dev_items() -> list[dict]:
     return items
 
 
+def stdlib_cont_items(n: int = CONT_ITEMS, seed: int = 4321) -> list[dict]:
+    """Which continuation is the real one? Held-out stdlib docstrings: the first CONT_CONTEXT characters
+    are the context, the next CONT_CHARS the answer, and the distractors are same-length passages from
+    other documents. Any language model is well above chance (1/4) here, so the task can decide."""
+    import random
+
+    docs = [d for d in corpus.documents("heldout") if len(d) >= CONT_CONTEXT + CONT_CHARS]
+    if len(docs) < n:
+        raise ConfigError(f"qg_stdlib_cont needs {n} held-out documents, this Python's stdlib has {len(docs)}")
+    rng = random.Random(seed)
+    picked = rng.sample(docs, n)
+
+    def cut(doc: str) -> int:  # a word boundary near CONT_CONTEXT, so every choice starts like a word
+        at = doc.rfind(" ", 0, CONT_CONTEXT)
+        return at if at > 0 else CONT_CONTEXT
+
+    items = []
+    for i, doc in enumerate(picked):
+        context, answer = doc[:cut(doc)], doc[cut(doc):cut(doc) + CONT_CHARS].strip()
+        others = rng.sample([d for d in picked if d is not doc], CONT_CHOICES - 1)
+        choices = [o[cut(o):cut(o) + CONT_CHARS].strip() for o in others]
+        gold = rng.randrange(CONT_CHOICES)
+        choices.insert(gold, answer)
+        items.append({"id": i, "question": " ".join(context.split()), "choices": [" ".join(c.split()) for c in choices],
+                      "answer": gold})
+    return items
+
+
 def stdlib_ppl_docs() -> list[dict]:
     docs = corpus.sample("heldout", PPL_DOCS, seed=1234)
     return [{"text": d[:PPL_MAX_CHARS]} for d in docs]
@@ -70,6 +99,18 @@ _MMLU_YAML = {
     "output_type": "multiple_choice",
     "test_split": "train",
     "doc_to_text": "The following is a question about {{subject.replace('_', ' ')}}.\n\n{{question}}\nAnswer:",
+    "doc_to_choice": "{{choices}}",
+    "doc_to_target": "answer",
+    "target_delimiter": " ",
+    "metric_list": [{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+    "metadata": {"version": TASK_VERSION},
+}
+_CONT_YAML = {
+    "task": "qg_stdlib_cont",
+    "dataset_path": "json",
+    "output_type": "multiple_choice",
+    "test_split": "train",
+    "doc_to_text": "{{question}}",
     "doc_to_choice": "{{choices}}",
     "doc_to_target": "answer",
     "target_delimiter": " ",
@@ -95,8 +136,8 @@ _PPL_YAML = {
 
 def build_builtin_suite(cache_root: Path) -> BuiltSuite:
     """Write the offline tasks' JSONL + YAML under a content-addressed folder and return it."""
-    data = {"qg_mmlu_dev": mmlu_dev_items(), "qg_stdlib_ppl": stdlib_ppl_docs()}
-    configs = {"qg_mmlu_dev": _MMLU_YAML, "qg_stdlib_ppl": _PPL_YAML}
+    data = {"qg_mmlu_dev": mmlu_dev_items(), "qg_stdlib_cont": stdlib_cont_items(), "qg_stdlib_ppl": stdlib_ppl_docs()}
+    configs = {"qg_mmlu_dev": _MMLU_YAML, "qg_stdlib_cont": _CONT_YAML, "qg_stdlib_ppl": _PPL_YAML}
     hashes = {}
     for task in BUILTIN_TASKS:
         blob = json.dumps([data[task], configs[task]], sort_keys=True).encode()
@@ -111,21 +152,56 @@ def build_builtin_suite(cache_root: Path) -> BuiltSuite:
             (folder / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         (folder / "done").write_text("ok\n")
     sources = {"qg_mmlu_dev": "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json (MMLU dev, zero-shot cloze MC)",
+               "qg_stdlib_cont": f"{corpus.CORPUS_ID}/heldout@{corpus.corpus_hash('heldout')} (real vs other "
+                                 "documents' continuations, 4-way cloze)",
                "qg_stdlib_ppl": f"{corpus.CORPUS_ID}/heldout@{corpus.corpus_hash('heldout')}"}
     return BuiltSuite(folder, hashes, sources)
 
 
-def hub_skip_reason(task: str) -> str | None:
-    """None if the task's hub dataset is reachable; else why it is skipped (never a substitute)."""
-    repo = HUB_DATASETS.get(task)
-    if repo is None:
-        return None
-    try:
-        from huggingface_hub import HfApi
+@dataclass(frozen=True)
+class TaskInfo:
+    output_type: str
+    dataset_path: str | None  # a hub id (org/name), a packaged loader (json, parquet), or None
+    dataset_name: str | None
 
-        HfApi().dataset_info(repo, timeout=10)
-    except Exception as err:  # offline mode, DNS, refused, 404: all mean "cannot score it here"
-        return f"dataset {repo} unreachable on the Hugging Face Hub ({type(err).__name__}); task not run"
+
+def task_info(task: str, tm) -> TaskInfo:  # noqa: ANN001 - lm_eval TaskManager
+    """A task's output type and dataset from lm-eval's task index, without loading any data (a group is
+    described by its first subtask)."""
+    entry = tm.task_index[task]
+    cfg = dict(entry.cfg or {})
+    if "dataset_path" not in cfg and isinstance(cfg.get("task"), list) and cfg["task"]:
+        first = cfg["task"][0]
+        cfg = dict(tm.task_index[first].cfg or {}) if isinstance(first, str) and first in tm.task_index else cfg
+    return TaskInfo(cfg.get("output_type", "multiple_choice"), cfg.get("dataset_path"), cfg.get("dataset_name"))
+
+
+def is_hub_dataset(path: str | None) -> bool:
+    return bool(path) and path.count("/") == 1 and not Path(path).exists() and not path.startswith((".", "/"))
+
+
+def dataset_skip_reason(task: str, info: TaskInfo) -> str | None:
+    """None when the task's hub dataset can be loaded (reachable, or already in the local Hugging Face
+    cache, HF_HUB_OFFLINE=1 included); a reason when it is unreachable and not cached (the task is then
+    skipped, never substituted). A dataset the hub says does not exist is a ConfigError (exit 3), a gated
+    one a DatasetAccessError (exit 5): both name it."""
+    if not is_hub_dataset(info.dataset_path):
+        return None
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    repo = info.dataset_path
+    try:
+        datasets.load_dataset_builder(repo, info.dataset_name)
+    except DatasetNotFoundError as err:
+        if "gated" in str(err):
+            raise DatasetAccessError(f"task {task}: dataset {repo} is gated on the Hugging Face Hub: request access "
+                                     "on its page and set HF_TOKEN, or drop the task") from None
+        raise ConfigError(f"task {task}: dataset {repo} does not exist on the Hugging Face Hub (404): fix the "
+                          "task's dataset_path") from None
+    except (ConnectionError, OSError) as err:
+        return (f"dataset {repo} unreachable on the Hugging Face Hub and not in the local cache "
+                f"(HF_HOME; {type(err).__name__}); task not run")
     return None
 
 

@@ -1,6 +1,6 @@
 """`quantgate` command line: quantize -> eval -> bench -> report -> gate, each reading the last one's JSON.
 
-Exit codes (see quantgate.errors): 0 ok, 1 tool error / missing artifact, 2 gate rejected,
+Exit codes (see qgcore.errors): 0 ok, 1 tool error / missing artifact, 2 gate rejected,
 3 invalid config, 4 model not found, 5 hub unreachable, 6 group size, 7 unsupported GPU,
 8 out of disk, 9 some variants failed (the rest finished and were kept).
 """
@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from quantgate.errors import EXIT_CODES, EXIT_CONFIG, EXIT_ERROR, QuantgateError
+from qgcore.errors import EXIT_CODES, EXIT_CONFIG, EXIT_ERROR, QuantgateError
+from qgcore.paths import DEFAULT_SLUG
 
 RUNS_DEFAULT = Path(os.environ.get("QUANTGATE_RUNS", "runs"))
 _EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--emulate-unsupported", action="store_true",
                    help="score schemes vLLM cannot run here with transformers, labelled 'emulated (transformers)'")
     e.add_argument("--force", action="store_true", help="ignore cached results")
+    e.add_argument("--verify", action="store_true",
+                   help="hash every checkpoint file (default: size + mtime, hashing only what changed)")
 
     b = sub.add_parser("bench", help="throughput / latency / memory / cost per variant (vllm bench serve)",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", default=None, help="comma-separated levels, e.g. 1,8,32")
     b.add_argument("--force", action="store_true", help="rerun even when bench.json matches")
 
-    r = sub.add_parser("report", help="render runs/<slug>/report.html from the JSON artifacts")
+    r = sub.add_parser("report", help="render runs/<slug>/report.html from the JSON artifacts",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("run", type=Path, nargs="?", default=None, help="run folder (default: the default model's)")
     r.add_argument("--policy", type=Path, default=None, help="gate policy YAML (default: shipped policy)")
+    r.add_argument("--verify", action="store_true", help="hash every checkpoint file before reporting")
 
     g = sub.add_parser("gate", help="decide promote/reject/inconclusive; writes verdict.json + JUnit",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,13 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", type=Path, default=None, help="gate policy YAML (default: shipped policy)")
     g.add_argument("--require", default=None, help="exit 2 unless this variant is promoted")
     g.add_argument("--junit", type=Path, default=None, help="JUnit XML path (default: <run>/verdict.junit.xml)")
+    g.add_argument("--verify", action="store_true", help="hash every checkpoint file before gating")
     return parser
 
 
 def _default_run(args: argparse.Namespace) -> Path:
     if args.run is not None:
         return args.run
-    return RUNS_DEFAULT / "smollm2-135m-instruct"
+    return RUNS_DEFAULT / DEFAULT_SLUG
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -95,7 +101,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_eval_stage(model=args.model, recipes=_recipes(args.recipes), runs_root=args.runs,
                               tasks=_recipes(args.tasks), include_path=args.include_path, limit=args.limit,
-                              emulate=args.emulate_unsupported, force=args.force)
+                              emulate=args.emulate_unsupported, force=args.force, verify=args.verify)
     if args.command == "bench":
         from evals.bench_stage import run_bench_stage
 
@@ -104,11 +110,12 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from reports.stage import run_report
 
-        return run_report(_default_run(args), policy_path=args.policy)
+        return run_report(_default_run(args), policy_path=args.policy, verify=args.verify)
     if args.command == "gate":
         from reports.stage import run_gate
 
-        return run_gate(_default_run(args), policy_path=args.policy, require=args.require, junit=args.junit)
+        return run_gate(_default_run(args), policy_path=args.policy, require=args.require, junit=args.junit,
+                        verify=args.verify)
     raise AssertionError(args.command)  # argparse restricts choices
 
 

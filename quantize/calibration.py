@@ -13,8 +13,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from quantgate import corpus
-from quantgate.errors import ConfigError, HubUnreachableError
+from qgcore import corpus
+from qgcore.errors import ConfigError, HubUnreachableError
 from quantize.recipe import CalibrationSpec
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantgate.errors import ConfigError, UnsupportedHardwareError, did_you_mean
+from qgcore.errors import ConfigError, UnsupportedHardwareError, did_you_mean
 from quantize.recipe import Recipe
 
 # CUDA compute capability of the GPUs people serve on (NVIDIA's published table).

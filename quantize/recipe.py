@@ -6,20 +6,19 @@ A recipe is one YAML file under `recipes/`; its file name is its name. The schem
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quantgate.errors import ConfigError, did_you_mean
+from qgcore.errors import ConfigError, did_you_mean, format_validation_error
+from qgcore.hashing import content_key
+from qgcore.vocab import Family
+from quantize.schemes import SCHEMES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
-SchemeName = Literal["none", "fp8_dynamic", "fp8_dynamic_kv", "awq_w4a16", "gptq_w4a16", "nvfp4"]
-Family = Literal["reference", "8bit", "4bit"]
 
 
 class Strict(BaseModel):
@@ -46,12 +45,19 @@ class CalibrationSpec(Strict):
 
 
 class QuantSpec(Strict):
-    scheme: SchemeName
+    scheme: str  # a name from the scheme registry (quantize.schemes.SCHEMES): the one list of schemes
     targets: list[str] = ["Linear"]
     # lm_head stays in bf16: it is small relative to the body and very sensitive (llmcompressor default).
     ignore: list[str] = ["lm_head"]
     group_size: int | None = Field(default=None, ge=1)
     symmetric: bool = True
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if v not in SCHEMES:
+            raise ValueError(did_you_mean(v, sorted(SCHEMES), "scheme"))
+        return v
 
 
 class ServeSpec(Strict):
@@ -87,8 +93,6 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        from quantize.schemes import SCHEMES  # registry lives with the handlers
-
         handler = SCHEMES[self.quant.scheme]
         if handler.needs_calibration and self.calibration is None:
             raise ValueError(f"scheme '{self.quant.scheme}' calibrates: add a calibration: section")
@@ -104,28 +108,15 @@ class Recipe(Strict):
 
     def content_hash(self) -> str:
         """Hash of the parsed recipe (not the file bytes), so comments and key order don't matter."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return content_key(self.model_dump(mode="json"))
 
     @property
     def effective_group_size(self) -> int | None:
-        from quantize.schemes import SCHEMES
-
         return self.quant.group_size or SCHEMES[self.quant.scheme].fixed_group_size
 
 
 def available_recipes(recipes_dir: Path = RECIPES_DIR) -> list[str]:
     return sorted(p.stem for p in recipes_dir.glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def _format_validation(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{loc}' (check spelling; the schema is strict)"
-    if first["type"] == "literal_error":
-        return f"{source}: {loc}: {first['msg']} (got {first.get('input')!r})"
-    return f"{source}: {loc}: {first['msg']}"
 
 
 def parse_recipe(data: object, *, source: str) -> Recipe:
@@ -134,7 +125,7 @@ def parse_recipe(data: object, *, source: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation(err, source)) from None
+        raise ConfigError(format_validation_error(source, err)) from None
 
 
 def load_recipe(name_or_path: str | Path, recipes_dir: Path = RECIPES_DIR) -> Recipe:

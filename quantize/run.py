@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -18,32 +17,27 @@ import shutil
 import time
 from pathlib import Path
 
-from quantgate import provenance
-from quantgate.errors import GroupSizeError, NoSpaceError, QuantgateError
-from quantgate.memory import PeakRSS
+from qgcore import provenance
+from qgcore.artifacts import CheckpointManifest, ModelRef, quantization_summary
+from qgcore.errors import GroupSizeError, NoSpaceError, QuantgateError
+from qgcore.hashing import MODEL_FILE_SUFFIXES
+from qgcore.hashing import content_key as _key
+from qgcore.integrity import record_files
+from qgcore.memory import PeakRSS
 from quantize.calibration import fingerprint
 from quantize.hardware import check_target
-from quantize.manifest import CheckpointManifest, ModelRef
 from quantize.model import ResolvedModel
 from quantize.recipe import Recipe
 from quantize.schemes import SCHEMES, check_quantization_config
 
 log = logging.getLogger("quantgate.quantize")
 _QUANT_VERSIONS = ("torch", "transformers", "llmcompressor", "compressed-tensors")
-_MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".jinja")
 
 
 def content_key(model: ResolvedModel, recipe: Recipe) -> str:
-    blob = json.dumps(
-        {
-            "model": model.revision,
-            "recipe": recipe.content_hash(),
-            "calibration_data": fingerprint(recipe.calibration),
-            "versions": provenance.versions(_QUANT_VERSIONS),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _key({"model": model.revision, "recipe": recipe.content_hash(),
+                 "calibration_data": fingerprint(recipe.calibration),
+                 "versions": provenance.versions(_QUANT_VERSIONS)})
 
 
 def check_group_size(recipe: Recipe, widths: dict[str, int]) -> None:
@@ -92,26 +86,10 @@ def _guard_pin_memory() -> None:
         IntermediatesCache._quantgate_guard = True
 
 
-def _quantization_summary(config: dict) -> dict:
-    q = config.get("quantization_config")
-    if not q:
-        return {"quantized": False, "dtype": str(config.get("torch_dtype") or config.get("dtype"))}
-    group = next(iter((q.get("config_groups") or {}).values()), {})
-    return {
-        "quantized": True,
-        "quant_method": q.get("quant_method"),
-        "format": q.get("format"),
-        "weights": group.get("weights"),
-        "input_activations": group.get("input_activations"),
-        "kv_cache_scheme": q.get("kv_cache_scheme"),
-        "ignore": q.get("ignore"),
-    }
-
-
 def _copy_reference(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True)
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.suffix in _MODEL_FILES:
+        if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES:
             shutil.copy2(f, dst / f.name)
 
 
@@ -210,7 +188,8 @@ def quantize(
             peak_memory=peak,
             bytes_on_disk=_dir_bytes(ckpt),
             checkpoint_dir="checkpoint",
-            quantization=_quantization_summary(config),
+            files=record_files(ckpt),
+            quantization=quantization_summary(config),
             serve=recipe.serve.model_dump(mode="json"),
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )

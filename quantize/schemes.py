@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from quantize.recipe import Recipe
+# Handlers receive a quantize.recipe.Recipe; the registry does not import it, so imports run one way
+# (recipe -> schemes) and the schema validates scheme names against this registry.
+Recipe = Any
 
 
 @dataclass(frozen=True)

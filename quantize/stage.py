@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quantgate.errors import EXIT_OK, EXIT_PARTIAL, QuantgateError
+from qgcore.errors import EXIT_OK, EXIT_PARTIAL, QuantgateError
 from quantize.hardware import parse_target
 from quantize.recipe import load_recipes
 
@@ -44,6 +44,12 @@ def run_stage(
             failures.append(recipe.name)
             tqdm.write(f"quantgate: {recipe.name}: FAILED: {err}")
             continue
+        except Exception as err:  # llmcompressor/torch broke on this recipe: record it, build the others
+            failures.append(recipe.name)
+            tqdm.write(f"quantgate: {recipe.name}: FAILED in llmcompressor: {type(err).__name__}: {err}")
+            continue
+        if "fallback" in manifest.device:
+            tqdm.write(f"quantgate: {recipe.name}: note: {manifest.device['fallback']}")
         what = "reused (same content key)" if reused else f"{manifest.wall_seconds:.1f}s"
         tqdm.write(
             f"quantgate: {recipe.name}: {what}, {manifest.bytes_on_disk / 2**20:.1f} MiB, "

@@ -1,32 +1,39 @@
 """Assemble report data and the verdict from a run folder's JSON artifacts (no models, no servers).
 
-Reads `<run>/<variant>/manifest.json`, `eval.json`, `bench.json` (and lm-eval sample files for flip
-examples). Rendering lives in reports/render.py; deciding in reports/gate.py.
+Reads `<run>/<variant>/manifest.json`, `eval.json` (and `bf16/eval-emulated.json` when a variant was
+scored by emulation), `bench.json`. Before anything is read as evidence, every checkpoint's files are
+verified against its manifest. The verdict recomputes each paired comparison at the family-wise level
+from the published per-item results. Rendering lives in reports/render.py; deciding in reports/gate.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Any
 
-from evals.results import BenchRun, EvalRun
-from evals.serve import ServeConfig
-from evals.serve import deploy_command as serve_deploy_command
-from quantgate.errors import ArtifactError
-from quantize.manifest import CheckpointManifest
-from reports.gate import GatePolicy, decide_variant, recommend
+from qgcore.artifacts import BenchRun, CheckpointManifest, EvalRun
+from qgcore.errors import ArtifactError
+from qgcore.integrity import verify_files
+from qgcore.serving import ServeConfig
+from qgcore.serving import deploy_command as serve_deploy_command
+from qgcore.stats import compare_runs, familywise_level
+from qgcore.vocab import EMULATED
+from reports.gate import GatePolicy, RecipeGate, decide_variant, recommend
 
-VERDICT_SCHEMA_VERSION = 1
+VERDICT_SCHEMA_VERSION = 2  # 2: family-wise level and interval methods recorded
 
 
 def _read_optional(cls, path: Path) -> dict[str, Any] | None:  # noqa: ANN001
     return cls.read(path).model_dump(mode="json") if path.is_file() else None
 
 
-def load_run(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every variant folder with a manifest: {name: {"manifest", "eval", "bench"}}, bf16 first."""
+def load_run(run_dir: Path, *, verify: bool = False) -> dict[str, dict[str, Any]]:
+    """Every variant folder with a manifest: {name: {"manifest", "eval", "bench"}}, bf16 first.
+
+    Each checkpoint is verified against its manifest first (size + mtime, full hashes with `verify`): a
+    checkpoint edited after it was measured raises IntegrityError naming the file.
+    """
     if not run_dir.is_dir():
         raise ArtifactError(f"run folder {run_dir} not found: run `make all` (or quantize/eval/bench) first")
     names = sorted(p.parent.name for p in run_dir.glob("*/manifest.json"))
@@ -36,33 +43,51 @@ def load_run(run_dir: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for name in ["bf16", *names]:
         vdir = run_dir / name
+        manifest = CheckpointManifest.read(vdir / "manifest.json")
+        verify_files(vdir / manifest.checkpoint_dir, manifest.files, full=verify, what=name)
         out[name] = {
-            "manifest": CheckpointManifest.read(vdir / "manifest.json").model_dump(mode="json"),
+            "manifest": manifest.model_dump(mode="json"),
             "eval": _read_optional(EvalRun, vdir / "eval.json"),
             "bench": _read_optional(BenchRun, vdir / "bench.json"),
         }
+    emulated_base = run_dir / "bf16" / "eval-emulated.json"
+    out["bf16"]["eval_emulated"] = _read_optional(EvalRun, emulated_base)
     if all(v["eval"] is None for v in out.values()):
         raise ArtifactError(f"{run_dir} has no eval.json: run `make eval` before gating")
     return out
 
 
 def deploy_command(run_dir: Path, name: str, manifest: dict[str, Any]) -> str:
-    serve = manifest.get("serve", {})
-    cfg = ServeConfig(kv_cache_dtype=serve.get("kv_cache_dtype", "auto"), extra_args=serve.get("extra_args", []))
+    cfg = ServeConfig.from_spec(manifest.get("serve", {}))
     return serve_deploy_command((run_dir / name / manifest["checkpoint_dir"]).resolve(), name, cfg)
+
+
+def gate_evidence(run: dict[str, dict[str, Any]], name: str, level: float) -> dict[str, Any] | None:
+    """A variant's eval.json with its comparisons recomputed at `level` against the bf16 run through the
+    same engine (vLLM, or the emulated bf16 run for an emulated score)."""
+    ev = run[name]["eval"]
+    if ev is None or ev.get("status") not in ("ok", "unsupported") or not ev.get("tasks"):
+        return ev
+    base = run["bf16"]["eval_emulated"] if ev.get("engine") == EMULATED else run["bf16"]["eval"]
+    if base is None or base.get("status") != "ok":
+        return ev | {"comparisons": {}}
+    comps = compare_runs(EvalRun.model_validate(ev), EvalRun.model_validate(base), level=level)
+    return ev | {"comparisons": comps}
 
 
 def build_verdict(run_dir: Path, policy: GatePolicy, run: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     run = run or load_run(run_dir)
     base_bench = run["bf16"]["bench"]
+    candidates = [n for n in run if n != "bf16"]
+    level = familywise_level(policy.alpha, len(candidates), policy.multiplicity)
     decisions = []
-    for name, art in run.items():
-        if name == "bf16":
-            continue
+    for name in candidates:
+        art = run[name]
         m = art["manifest"]
         spec = m["recipe_spec"]
-        decisions.append(decide_variant(name, spec["family"], art["eval"], art["bench"], base_bench, policy,
-                                        spec.get("gate", {}).get("quality_margin"), m["bytes_on_disk"]))
+        recipe_gate = RecipeGate(**{k: spec.get("gate", {}).get(k) for k in ("quality_margin", "recovery_min")})
+        decisions.append(decide_variant(name, spec["family"], gate_evidence(run, name, level), art["bench"],
+                                        base_bench, policy, recipe_gate, m["bytes_on_disk"]))
     best = recommend(decisions)
     return {
         "schema_version": VERDICT_SCHEMA_VERSION,
@@ -71,6 +96,8 @@ def build_verdict(run_dir: Path, policy: GatePolicy, run: dict[str, dict[str, An
         "model": run["bf16"]["manifest"]["model"],
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "policy": policy.__dict__,
+        "multiplicity": {"correction": policy.multiplicity, "alpha": policy.alpha, "k": len(candidates),
+                         "level": level},
         "variants": {d.variant: d.to_dict() for d in decisions},
         "recommended": best.variant if best else None,
         "deploy": {"variant": best.variant, "command": deploy_command(run_dir, best.variant,
@@ -80,57 +107,38 @@ def build_verdict(run_dir: Path, policy: GatePolicy, run: dict[str, dict[str, An
     }
 
 
-def _letter(target: Any) -> Any:
-    return "ABCDEFGHIJ"[target] if isinstance(target, int) and 0 <= target < 10 else target
-
-
-def _choice(sample: dict[str, Any]) -> int | None:
-    resps = sample.get("filtered_resps") or []
-    try:
-        lls = [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in resps]
-    except (TypeError, ValueError):
-        return None
-    return max(range(len(lls)), key=lls.__getitem__) if lls else None
-
-
-def flip_examples(run_dir: Path, variant: str, task: str, metric: str, limit: int = 3) -> list[dict[str, Any]]:
-    """A few items whose correctness flipped between bf16 and the variant, from lm-eval's samples."""
-    def read(name: str) -> dict[str, dict]:
-        path = run_dir / name / "eval" / "samples" / f"{task}.jsonl"
-        if not path.is_file():
-            return {}
-        return {str(s["doc_id"]): s for s in map(json.loads, path.read_text().splitlines())}
-
-    base, cand = read("bf16"), read(variant)
+def flip_examples(base: dict[str, Any] | None, cand: dict[str, Any], limit: int = 5) -> list[dict[str, Any]]:
+    """Items whose correctness flipped, from the eval stage's published examples (choices under the scored
+    metric), most confident bf16 first: a near-tie coin flip differs from confident damage."""
+    if not base:
+        return []
+    b_items, c_items = base.get("items", {}), cand.get("items", {})
+    b_ex, c_ex = base.get("examples", {}), cand.get("examples", {})
     out = []
-    for doc_id in sorted(set(base) & set(cand), key=lambda x: int(x) if x.isdigit() else x):
-        b, c = base[doc_id], cand[doc_id]
-        if b.get(metric) is None or b.get(metric) == c.get(metric):
+    for doc_id in set(b_items) & set(c_items):
+        b_ok, c_ok = b_items[doc_id][0], c_items[doc_id][0]
+        if b_ok == c_ok:
             continue
-        doc = c.get("doc") or {}
-        letters = "ABCDEFGHIJ"
-        bc, cc = _choice(b), _choice(c)
-        out.append({
-            "doc_id": doc_id, "direction": "right→wrong" if b[metric] else "wrong→right",
-            "question": str(doc.get("question", ""))[:240], "target": _letter(c.get("target")),
-            "bf16_choice": letters[bc] if bc is not None and bc < 10 else None,
-            "variant_choice": letters[cc] if cc is not None and cc < 10 else None,
-        })
-        if len(out) >= limit:
-            break
-    return out
+        be, ce = b_ex.get(doc_id, {}), c_ex.get(doc_id, {})
+        out.append({"doc_id": doc_id, "direction": "right→wrong" if b_ok else "wrong→right",
+                    "question": be.get("question", ""), "target": be.get("target"),
+                    "bf16_choice": be.get("choice"), "variant_choice": ce.get("choice"),
+                    "bf16_margin": be.get("margin")})
+    out.sort(key=lambda f: -(f["bf16_margin"] or 0.0))
+    return out[:limit]
 
 
-def build_report_data(run_dir: Path, policy: GatePolicy) -> dict[str, Any]:
-    run = load_run(run_dir)
+def build_report_data(run_dir: Path, policy: GatePolicy, *, verify: bool = False) -> dict[str, Any]:
+    run = load_run(run_dir, verify=verify)
     verdict = build_verdict(run_dir, policy, run)
     variants = []
     for name, art in run.items():
         m, ev, bench = art["manifest"], art["eval"] or {}, art["bench"] or {}
         flips = {}
+        base_ev = (run["bf16"]["eval_emulated"] if ev.get("engine") == EMULATED else run["bf16"]["eval"]) or {}
         for task, comp in (ev.get("comparisons") or {}).items():
             if comp.get("right_to_wrong") is not None:
-                flips[task] = flip_examples(run_dir, name, task, comp["metric"].split(",")[0])
+                flips[task] = flip_examples(base_ev.get("tasks", {}).get(task), ev["tasks"][task])
         variants.append({
             "name": name, "family": m["recipe_spec"]["family"], "description": m["recipe_spec"]["description"],
             "quantization": m["quantization"], "bytes_on_disk": m["bytes_on_disk"],

@@ -1,20 +1,25 @@
 """The promotion gate: a pure, stdlib-only function from evidence + policy to a verdict with reasons.
 
-Quality is *non-inferiority*: a variant passes a task only if the whole paired 95% CI of
-(variant - bf16) stays on the good side of -margin. If the CI straddles the margin the answer is
-"inconclusive", never "pass": with few items nothing small can be shown. Performance, latency SLO and
-memory are floors/caps against measured numbers. No torch, no pydantic: CI can run this on artifacts
-copied from a GPU box.
+Quality is *non-inferiority*: a variant passes a task only if the whole paired CI of (variant - bf16)
+lies strictly on the good side of -margin (compared exactly, as fractions: a bound sitting on the margin
+does not pass). The CI's level is family-wise (Bonferroni over the competing variants by default), so
+the chance of promoting *any* variant whose true delta is at its margin stays within the policy's alpha.
+If the CI straddles the margin the answer is "inconclusive", never "pass". A task whose bf16 score is
+not above its chance rate, or whose items are not all paired, decides nothing. Performance, latency SLO
+and memory are floors/caps against measured numbers. No torch, no pydantic: CI can run this on
+artifacts copied from a GPU box.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Any, Literal
+
+from qgcore.vocab import EMULATED
 
 Outcome = Literal["pass", "fail", "inconclusive", "skipped"]  # skipped: noted, decides nothing
 Verdict = Literal["promote", "reject", "inconclusive"]
-EMULATED = "emulated (transformers)"
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,8 @@ class GatePolicy:
     require_slo: bool = True  # some concurrency level must meet the latency SLO
     max_memory_bytes: int | None = None  # cap on the server's peak memory (GPU or host RSS as measured)
     allow_emulated: bool = False  # an emulated score can at best be inconclusive unless this is true
+    alpha: float = 0.05  # 1 - confidence level of the CIs, for the whole family of competing variants
+    multiplicity: str = "bonferroni"  # how alpha is split over k competing variants: bonferroni | none
 
 
 @dataclass(frozen=True)
@@ -49,18 +56,36 @@ class Decision:
         return asdict(self)
 
 
-def _margin(policy: GatePolicy, family: str, metric: str, override: float | None) -> float:
-    if override is not None:
-        return override
+@dataclass(frozen=True)
+class RecipeGate:
+    """A recipe's own gate section: None means the policy's value for the recipe's family."""
+
+    quality_margin: float | None = None  # replaces the family margin (accuracy-type metrics only)
+    recovery_min: float | None = None  # replaces the family recovery floor
+
+
+def margin_for(policy: GatePolicy, family: str, metric: str, recipe: RecipeGate) -> float:
+    """A metric's own margin (e.g. bits_per_byte) wins; else the recipe's, else the family's.
+
+    Margins never leak across metrics: an accuracy margin from a recipe never replaces bits/byte's.
+    """
     base = metric.split(",")[0]
     if base in policy.metric_margins:
         return policy.metric_margins[base]
+    if recipe.quality_margin is not None:
+        return recipe.quality_margin
     return policy.margins[family]
+
+
+def _exceeds(worse: float, margin: float) -> bool:
+    """worse > margin, exactly: the float bound as the binary fraction it is, the margin as the decimal it was
+    written as. No difference of rounded quotients decides a verdict."""
+    return Fraction(worse) > Fraction(str(margin))
 
 
 def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int,
                   recovery_floor: float | None) -> Check:
-    """Non-inferiority on one task's paired comparison (evals.compare.Comparison as a dict)."""
+    """Non-inferiority on one task's paired comparison (qgcore.stats.Comparison as a dict)."""
     hib = comp["higher_is_better"]
     lo, hi, d = comp["ci_low"], comp["ci_high"], comp["delta"]
     # Express everything as "how much worse", so one rule serves both metric directions.
@@ -87,7 +112,7 @@ def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int
         return Check(f"quality:{task}", "inconclusive",
                      f"{task}: recovery {rec:.1%} < floor {recovery_floor:.0%}, but the CI reaches the floor; {ci}",
                      nums)
-    if worse_worst <= margin:
+    if Fraction(worse_worst) < Fraction(str(margin)):
         return Check(f"quality:{task}", "pass", f"{task}: non-inferior: {ci}", nums)
     return Check(f"quality:{task}", "inconclusive", f"{task}: CI too wide to decide: {ci}", nums)
 
@@ -103,14 +128,14 @@ def _best_recovery(comp: dict[str, Any]) -> float | None:
 
 
 def _quality(name: str, family: str, ev: dict[str, Any], policy: GatePolicy,
-             override: float | None) -> list[Check]:
+             recipe: RecipeGate) -> list[Check]:
     status = ev.get("status")
     if status is None:
         return [Check("quality:eval", "inconclusive", f"{name} has no eval.json: run `make eval`")]
     if status == "failed":
         why = ev.get("reason") or "no eval result"
         return [Check("quality:serve", "fail", f"{name} could not be served and scored: {why}")]
-    if status == "unsupported":
+    if status == "unsupported" and ev.get("engine") != EMULATED:
         return [Check("quality:serve", "inconclusive", f"{ev.get('reason')}; rerun on hardware that has the kernels "
                       "or use --emulate-unsupported")]
     checks = []
@@ -127,8 +152,9 @@ def _quality(name: str, family: str, ev: dict[str, Any], policy: GatePolicy,
             checks.append(Check(f"quality:{task}", "fail", f"{task}: no paired comparison with bf16"))
             continue
         comp = comps[task]
-        margin = _margin(policy, family, comp["metric"], override)
-        c = quality_check(task, comp, margin, policy.min_items, policy.recovery_min.get(family))
+        margin = margin_for(policy, family, comp["metric"], recipe)
+        floor = recipe.recovery_min if recipe.recovery_min is not None else policy.recovery_min.get(family)
+        c = quality_check(task, comp, margin, policy.min_items, floor)
         if emulated:
             c = Check(c.name, c.outcome, f"{c.reason} [{EMULATED}]", c.numbers)
         checks.append(c)
@@ -183,9 +209,10 @@ def _perf(bench: dict[str, Any] | None, base_bench: dict[str, Any] | None, polic
 
 
 def decide_variant(name: str, family: str, ev: dict[str, Any] | None, bench: dict[str, Any] | None,
-                   base_bench: dict[str, Any] | None, policy: GatePolicy, margin_override: float | None = None,
+                   base_bench: dict[str, Any] | None, policy: GatePolicy, recipe: RecipeGate | None = None,
                    bytes_on_disk: int | None = None) -> Decision:
-    checks = _quality(name, family, ev or {}, policy, margin_override) + _perf(bench, base_bench, policy)
+    """One variant's verdict and every check behind it. `ev["comparisons"]` must be at the family-wise level."""
+    checks = _quality(name, family, ev or {}, policy, recipe or RecipeGate()) + _perf(bench, base_bench, policy)
     outcomes = {c.outcome for c in checks}
     verdict: Verdict = "reject" if "fail" in outcomes else "inconclusive" if "inconclusive" in outcomes else "promote"
     point = (bench or {}).get("slo_point") or {}

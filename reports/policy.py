@@ -8,7 +8,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quantgate.errors import ConfigError
+from qgcore.errors import ConfigError, did_you_mean, format_validation_error
+from qgcore.vocab import MULTIPLICITY, QuantFamily
 from reports.gate import GatePolicy
 
 DEFAULT_POLICY = Path(__file__).resolve().parent / "policy.default.yaml"
@@ -19,11 +20,13 @@ class _Strict(BaseModel):
 
 
 class _Quality(_Strict):
-    margins: dict[Literal["8bit", "4bit"], float]
+    margins: dict[QuantFamily, float]
     metric_margins: dict[str, float] = {}
-    recovery_min: dict[Literal["8bit", "4bit"], float] = {}
+    recovery_min: dict[QuantFamily, float] = {}
     min_items: int = Field(default=100, ge=1)
     allow_emulated: bool = False
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    multiplicity: str = "bonferroni"
 
 
 class _Performance(_Strict):
@@ -52,10 +55,10 @@ def load_policy(path: Path | None = None) -> GatePolicy:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(x) for x in e["loc"])
-        what = "unknown key (the schema is strict)" if e["type"] == "extra_forbidden" else e["msg"]
-        raise ConfigError(f"{path}: {loc}: {what}") from None
+        raise ConfigError(format_validation_error(path, err)) from None
+    if pf.quality.multiplicity not in MULTIPLICITY:
+        raise ConfigError(f"{path}: quality.multiplicity: " + did_you_mean(pf.quality.multiplicity, MULTIPLICITY,
+                                                                            "correction"))
     if any(m < 0 for m in [*pf.quality.margins.values(), *pf.quality.metric_margins.values()]):
         raise ConfigError(f"{path}: margins must be >= 0")
     return GatePolicy(
@@ -63,5 +66,5 @@ def load_policy(path: Path | None = None) -> GatePolicy:
         recovery_min=dict(pf.quality.recovery_min), min_items=pf.quality.min_items,
         throughput_floor_vs_bf16=pf.performance.throughput_floor_vs_bf16, require_slo=pf.performance.require_slo,
         max_memory_bytes=int(pf.memory.max_gib * 2**30) if pf.memory.max_gib else None,
-        allow_emulated=pf.quality.allow_emulated,
+        allow_emulated=pf.quality.allow_emulated, alpha=pf.quality.alpha, multiplicity=pf.quality.multiplicity,
     )

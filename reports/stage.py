@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from quantgate.errors import EXIT_GATE_REJECTED, EXIT_OK, ConfigError
-from reports.data import build_report_data, build_verdict
+from qgcore.errors import EXIT_GATE_REJECTED, EXIT_OK, ConfigError
+from reports.data import build_report_data, build_verdict, load_run
 from reports.policy import load_policy
 from reports.render import render
 
@@ -34,9 +34,10 @@ def junit_xml(verdict: dict) -> str:
     return ET.tostring(suite, encoding="unicode", xml_declaration=True)
 
 
-def run_gate(run_dir: Path, *, policy_path: Path | None, require: str | None, junit: Path | None) -> int:
+def run_gate(run_dir: Path, *, policy_path: Path | None, require: str | None, junit: Path | None,
+             verify: bool = False) -> int:
     policy = load_policy(policy_path)
-    verdict = build_verdict(run_dir, policy)
+    verdict = build_verdict(run_dir, policy, load_run(run_dir, verify=verify))
     if require is not None and require not in verdict["variants"]:
         raise ConfigError(f"--require {require}: no such variant in {run_dir} "
                           f"(have: {', '.join(verdict['variants'])})")
@@ -46,6 +47,9 @@ def run_gate(run_dir: Path, *, policy_path: Path | None, require: str | None, ju
         print(f"{name:>8}: {dec['verdict'].upper()}")
         for c in dec["checks"]:
             print(f"          {c['outcome']:<12} {c['reason']}")
+    mult = verdict["multiplicity"]
+    print(f"intervals: {mult['level']:.2%} two-sided ({mult['correction']} over {mult['k']} variants, "
+          f"alpha {mult['alpha']}); Tango score for accuracy, BCa bootstrap for bits/byte")
     rec = verdict["recommended"]
     print(f"recommended: {rec or 'none'}" + (f"\ndeploy: {verdict['deploy']['command']}" if rec else ""))
     print(f"wrote {run_dir / 'verdict.json'}", file=sys.stderr)
@@ -54,8 +58,8 @@ def run_gate(run_dir: Path, *, policy_path: Path | None, require: str | None, ju
     return EXIT_OK if verdict["passed"] else EXIT_GATE_REJECTED
 
 
-def run_report(run_dir: Path, *, policy_path: Path | None) -> int:
-    data = build_report_data(run_dir, load_policy(policy_path))
+def run_report(run_dir: Path, *, policy_path: Path | None, verify: bool = False) -> int:
+    data = build_report_data(run_dir, load_policy(policy_path), verify=verify)
     out = run_dir / "report.html"
     out.write_text(render(data))
     print(f"wrote {out}")

@@ -24,7 +24,7 @@ def build_tiny_llama(out: Path, *, hidden: int = 128, intermediate: int = 256, l
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from quantgate import corpus
+    from qgcore import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

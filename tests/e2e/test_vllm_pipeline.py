@@ -18,9 +18,8 @@ import psutil
 import pytest
 
 from evals import stage as eval_stage
-from evals.results import EvalRun
 from evals.serve import VllmServer
-from quantize.manifest import CheckpointManifest
+from qgcore.artifacts import CheckpointManifest, EvalRun
 from quantize.model import linear_input_widths, resolve_model
 from quantize.recipe import load_recipe
 from quantize.run import quantize

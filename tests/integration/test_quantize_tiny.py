@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from quantgate import corpus
-from quantgate.errors import GroupSizeError, NoSpaceError, QuantgateError
+from qgcore import corpus
+from qgcore.errors import GroupSizeError, NoSpaceError, QuantgateError
 from quantize.model import linear_input_widths, resolve_model
 from quantize.recipe import load_recipe
 from quantize.run import quantize

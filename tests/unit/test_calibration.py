@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from quantgate import corpus
-from quantgate.errors import ConfigError
+from qgcore import corpus
+from qgcore.errors import ConfigError
 from quantize.calibration import load_texts
 from quantize.recipe import CalibrationSpec
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from qgcore.errors import EXIT_CODES
 from quantgate.cli import build_parser, main
-from quantgate.errors import EXIT_CODES
 
 
 def err_of(capsys) -> str:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from evals.compare import compare
+from qgcore.stats import compare
 from reports.gate import GatePolicy, decide_variant, quality_check, recommend
 
 POLICY = GatePolicy(margins={"8bit": 0.02, "4bit": 0.05}, min_items=100, throughput_floor_vs_bf16=1.0)

@@ -12,7 +12,7 @@ from evals.perf import (
     slo_point,
     summarize_scrapes,
 )
-from quantgate.errors import ConfigError
+from qgcore.errors import ConfigError
 
 PROM = """# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
 # TYPE vllm:kv_cache_usage_perc gauge

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from quantgate.errors import EXIT_CONFIG, ConfigError
+from qgcore.errors import EXIT_CONFIG, ConfigError
 from quantize.recipe import RECIPES_DIR, available_recipes, load_recipe, load_recipes, parse_recipe
 
 SHIPPED = ["awq-4", "bf16", "fp8", "fp8-kv", "gptq-4", "nvfp4"]

@@ -9,10 +9,9 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from evals.compare import compare
-from evals.results import BenchRun, EvalRun, TaskResult
+from qgcore.artifacts import BenchRun, CheckpointManifest, EvalRun, ModelRef, TaskResult
+from qgcore.stats import compare
 from quantgate.cli import main
-from quantize.manifest import CheckpointManifest, ModelRef
 from quantize.recipe import load_recipe
 from reports.data import build_report_data
 from reports.policy import load_policy

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from evals.quality import check_tasks, output_type, task_manager
-from evals.tasks import user_task_hash
-from quantgate.errors import ConfigError
+from evals.quality import check_tasks, task_manager
+from evals.tasks import task_info, user_task_hash
+from qgcore.errors import ConfigError
 
 TASK = """task: my_yes_no
 dataset_path: json
@@ -32,7 +32,8 @@ def user_dir(tmp_path_factory) -> Path:
 def test_user_task_folder_is_registered(user_dir):
     tm = task_manager([user_dir])
     check_tasks(["my_yes_no"], tm)
-    assert output_type("my_yes_no", tm) == "multiple_choice"
+    info = task_info("my_yes_no", tm)
+    assert (info.output_type, info.dataset_path) == ("multiple_choice", "json")
     with pytest.raises(ConfigError, match="Unknown task 'my_yes_nope'. Did you mean: my_yes_no"):
         check_tasks(["my_yes_nope"], tm)
 

@@ -14,7 +14,7 @@ EXIT_ERROR = 1  # tool error, or a missing/invalid artifact
 EXIT_GATE_REJECTED = 2  # the gate ran and promoted nothing (or not the required variant)
 EXIT_CONFIG = 3  # recipe / policy / CLI value invalid, unknown name
 EXIT_MODEL_NOT_FOUND = 4  # local path or hub id does not exist
-EXIT_HUB_UNREACHABLE = 5  # hub id given but the hub cannot be reached
+EXIT_HUB_UNREACHABLE = 5  # hub cannot be reached for a model / calibration data, or access is refused (gated)
 EXIT_GROUP_SIZE = 6  # group size does not divide a targeted layer
 EXIT_UNSUPPORTED_HW = 7  # the declared target GPU cannot run the scheme
 EXIT_NO_SPACE = 8  # out of disk
@@ -26,7 +26,7 @@ EXIT_CODES = {
     EXIT_GATE_REJECTED: "gate rejected: no variant (or not the required one) may be promoted",
     EXIT_CONFIG: "invalid configuration (recipe, policy or option)",
     EXIT_MODEL_NOT_FOUND: "model not found",
-    EXIT_HUB_UNREACHABLE: "model hub unreachable",
+    EXIT_HUB_UNREACHABLE: "hub unreachable for a model or calibration data, or a gated dataset",
     EXIT_GROUP_SIZE: "group size does not divide a targeted layer",
     EXIT_UNSUPPORTED_HW: "scheme unsupported on the declared target GPU",
     EXIT_NO_SPACE: "out of disk space",
@@ -57,6 +57,12 @@ class HubUnreachableError(QuantgateError):
     exit_code = EXIT_HUB_UNREACHABLE
 
 
+class DatasetAccessError(QuantgateError):
+    """A task's dataset exists but access is refused (gated): a token or an access request fixes it."""
+
+    exit_code = EXIT_HUB_UNREACHABLE
+
+
 class GroupSizeError(QuantgateError):
     exit_code = EXIT_GROUP_SIZE
 
@@ -67,6 +73,12 @@ class UnsupportedHardwareError(QuantgateError):
 
 class NoSpaceError(QuantgateError):
     exit_code = EXIT_NO_SPACE
+
+
+class IntegrityError(QuantgateError):
+    """A checkpoint file differs from what the manifest recorded: its measurements no longer apply."""
+
+    exit_code = EXIT_ERROR
 
 
 class ArtifactError(QuantgateError):
@@ -81,3 +93,14 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...], what: str) -> 
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     listing = ", ".join(sorted(choices)) if len(choices) <= 30 else f"{len(choices)} names"
     return f"Unknown {what} '{name}'.{hint} Available: {listing}"
+
+
+def format_validation_error(source: object, err: Exception) -> str:
+    """One line for a pydantic ValidationError: `<source>: <field.path>: <what>` (strict schemas)."""
+    errors = getattr(err, "errors", None)
+    if not callable(errors):
+        return f"{source}: {err}"
+    e = errors()[0]
+    loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+    what = "unknown key (the schema is strict)" if e["type"] == "extra_forbidden" else e["msg"]
+    return f"{source}: {loc}: {what}"

@@ -15,7 +15,8 @@ from pathlib import Path
 from evals.quality import model_args_for_hf, model_args_for_server, run_task, task_manager
 from evals.serve import VllmServer
 from evals.tasks import build_builtin_suite
-from quantize.model import CACHE_DIR, resolve_model
+from qgcore.paths import CACHE_DIR
+from quantize.model import resolve_model
 
 TASKS = ("qg_mmlu_dev", "qg_stdlib_ppl")
 

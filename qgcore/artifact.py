@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from quantgate.errors import ArtifactError
+from qgcore.errors import ArtifactError
 
 
 class Artifact(BaseModel):

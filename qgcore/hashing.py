@@ -1,0 +1,44 @@
+"""Content keys and file hashes: one helper for every cache key, one suffix list for model files.
+
+A cache key is the sha256 of a canonical JSON of everything that moves a number; checkpoint files are
+recorded with size, mtime and sha256 so later stages can prove they measure what was built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+# Files that define a model or checkpoint (weights, configs, tokenizer, chat template). One list: what is
+# copied as the reference, hashed into a revision, and verified before a checkpoint is served or gated.
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja", ".gguf")
+KEY_LEN = 16
+
+
+def content_key(obj: Any) -> str:
+    """Short sha256 of the canonical JSON of `obj` (sorted keys): equal inputs, equal keys."""
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:KEY_LEN]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
+
+
+def hash_model_dir(path: Path) -> str:
+    """Content hash of the files that define a model, so a changed model changes every cache key."""
+    h = hashlib.sha256()
+    for f in model_files(path):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(file_sha256(f).encode())
+    return "sha256:" + h.hexdigest()[:KEY_LEN]

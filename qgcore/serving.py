@@ -1,0 +1,44 @@
+"""How a variant is served: the flags that change what is served, and the `vllm serve` line to deploy it.
+
+Pure data, no process handling (that is evals.serve): the eval and bench stages start servers with
+it, and the verdict prints the same deploy line from a manifest's serving spec. One home for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ServeConfig:
+    """Flags that change what is served; all of them go into eval/bench provenance and cache keys."""
+
+    kv_cache_dtype: str = "auto"
+    max_model_len: int = 2048
+    seed: int = 0
+    enable_prefix_caching: bool = True  # production default in the seed playbook
+    extra_args: list[str] = field(default_factory=list)
+    cpu_kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE on CPU builds
+    gpu_memory_utilization: float = 0.85
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> ServeConfig:
+        """From a manifest's `serve` section (the recipe's ServeSpec as JSON)."""
+        return cls(kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), extra_args=list(spec.get("extra_args", [])))
+
+    def args(self, cuda: bool) -> list[str]:
+        out = ["--seed", str(self.seed), "--max-model-len", str(self.max_model_len),
+               "--kv-cache-dtype", self.kv_cache_dtype]
+        out.append("--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching")
+        if cuda:
+            out += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        else:
+            out.append("--enforce-eager")  # torch.compile warm-up costs ~90 s on CPU and buys little here
+        return out + list(self.extra_args)
+
+
+def deploy_command(checkpoint: Path, name: str, config: ServeConfig) -> str:
+    """The equivalent `vllm serve` line for a GPU deployment (what the verdict recommends)."""
+    return " ".join(["vllm", "serve", str(checkpoint), "--served-model-name", name, *config.args(cuda=True)])
