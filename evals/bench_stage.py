@@ -29,11 +29,12 @@ from evals.perf import (
 )
 from evals.serve import ServerError, VllmServer, on_cuda
 from evals.variants import checkpoint_key, variant_manifests, vllm_version
+from evals.vllm_stats import parse_cache_config_info
 from qgcore import provenance
 from qgcore.artifacts import BenchRun, CheckpointManifest
 from qgcore.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
 from qgcore.hashing import content_key
-from qgcore.memory import PeakRSS
+from qgcore.memory import PeakGPU, PeakRSS
 from qgcore.paths import slug_for
 from qgcore.serving import ServeConfig
 
@@ -87,19 +88,6 @@ class MetricsScraper:
             self.scrapes.append(last)
 
 
-def _nvml_used_bytes() -> int | None:
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-    except Exception:  # no driver / no device: NVML simply has nothing to say
-        return None
-
-
 def run_level(server: VllmServer, checkpoint: Path, cfg: BenchConfig, concurrency: int, out_dir: Path) -> dict:
     """One load level through `vllm bench serve`; returns its numbers plus /metrics summary."""
     result = out_dir / f"level-c{concurrency}.json"
@@ -131,6 +119,45 @@ def run_level(server: VllmServer, checkpoint: Path, cfg: BenchConfig, concurrenc
     return level
 
 
+def _scrape_text(url: str) -> str:
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+def memory_summary(startup: dict[str, Any], metrics_info: dict[str, Any], cuda: bool, rss: PeakRSS,
+                   gpu: PeakGPU) -> dict[str, Any]:
+    """Weights vs KV cache per variant from vLLM's own accounting, plus the server tree's measured peak, each
+    number with its source. Never whole-device GPU memory (vLLM preallocates most of the card)."""
+    src = dict(startup.get("sources", {}))
+    mem: dict[str, Any] = {}
+    for key in ("weights_bytes", "checkpoint_bytes", "kv_cache_bytes", "kv_cache_tokens", "max_concurrency"):
+        if key in startup:
+            mem[key] = startup[key]
+    for key in ("kv_cache_bytes", "kv_cache_tokens"):  # vLLM's metric agrees with its log, or fills a gap
+        if key in metrics_info and key not in mem:
+            mem[key] = metrics_info[key]
+            src[key] = metrics_info["sources"][key]
+    if "weights_bytes" not in mem and "checkpoint_bytes" in mem:  # CPU: weights sit in host memory
+        mem["weights_bytes"] = mem["checkpoint_bytes"]
+        src["weights_bytes"] = src["checkpoint_bytes"]
+    if cuda:
+        mem["server_gpu_bytes_peak"] = gpu.peak_bytes
+        mem["server_gpu_bytes_mean"] = gpu.mean_bytes
+        src["server_gpu_bytes_peak"] = ("NVML per-process accounting (nvmlDeviceGetComputeRunningProcesses) over "
+                                        f"the server's process tree, {gpu.samples} samples during the load")
+        mem["kind"] = "GPU memory of the vLLM server process tree (NVML per process)"
+    else:
+        mem["kind"] = "host RSS of the vLLM server process tree (CPU build: no device memory)"
+    mem["server_rss_bytes_peak"] = rss.peak_bytes
+    mem["server_rss_bytes_mean"] = rss.mean_bytes
+    src["server_rss_bytes_peak"] = f"psutil RSS over the server's process tree, {rss.samples} samples"
+    mem["sources"] = src
+    return mem
+
+
 def bench_key(manifest: CheckpointManifest, cfg: BenchConfig, flags: list[str]) -> str:
     return content_key({"ckpt": checkpoint_key(manifest), "cfg": cfg.model_dump(mode="json"), "flags": flags,
                         "vllm": vllm_version()})
@@ -160,8 +187,7 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     try:
         with server:
             server_info = server.provenance() | server.startup_info()
-            with PeakRSS(server.proc.pid, interval=0.5) as rss:
-                nvml_peak = None
+            with PeakRSS(server.proc.pid, interval=0.5) as rss, PeakGPU(server.proc.pid) as gpu:
                 for c in cfg.concurrency:
                     if progress is not None:
                         progress.set_postfix_str(f"{manifest.recipe} c={c}")
@@ -169,24 +195,14 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
                         raise server._error(f"vLLM died before concurrency {c}")
                     levels.append(run_level(server, vdir / manifest.checkpoint_dir, cfg, c,
                                             vdir / "bench-raw"))
-                    used = _nvml_used_bytes()
-                    nvml_peak = max(filter(None, [nvml_peak, used]), default=None)
-            if server.cuda:
-                mem["gpu_memory_used_bytes_peak"] = nvml_peak
-                mem["kind"] = "GPU device memory (NVML, whole device)"
-            else:
-                mem["kind"] = "host RSS of the vLLM server process tree (CPU build: no device memory)"
-            mem["server_rss_bytes_peak"] = rss.peak_bytes
-            mem["server_rss_bytes_mean"] = rss.mean_bytes
+                metrics_info = parse_cache_config_info(_scrape_text(server.url))
+            mem |= memory_summary(server_info, metrics_info, server.cuda, rss, gpu)
     except ServerError as err:
         status = "unsupported" if err.unsupported else "failed"
         reason, tail = (f"unsupported here: {err}" if err.unsupported else str(err)), err.log_tail
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         status, reason, tail = "failed", f"{err} (completed levels kept)", server.log_tail()
-    kv_tokens = server_info.get("kv_cache_tokens")
-    mem["kv_cache_tokens"] = kv_tokens
-    mem["weights_gib"] = server_info.get("weights_gib")
-    mem["checkpoint_gib_reported_by_vllm"] = server_info.get("checkpoint_gib")
+    kv_tokens = mem.get("kv_cache_tokens", server_info.get("kv_cache_tokens"))
     mem["context_len"] = cfg.context_len
     mem["max_concurrent_sequences_at_context_len"] = max_sequences(kv_tokens, cfg.context_len)
     point = slo_point(levels, cfg.slo, price) if levels else None

@@ -50,9 +50,9 @@ def model_args_for_server(base_url: str, served_name: str, tokenizer: str, gener
     }
 
 
-def model_args_for_hf(checkpoint: str) -> tuple[str, dict]:
+def model_args_for_hf(checkpoint: str, *, cuda: bool = False) -> tuple[str, dict]:
     # bfloat16 as vLLM serves it; compressed-tensors also decompresses NVFP4 only into the checkpoint dtype
-    return "hf", {"pretrained": checkpoint, "dtype": "bfloat16", "device": "cpu", "batch_size": 8}
+    return "hf", {"pretrained": checkpoint, "dtype": "bfloat16", "device": "cuda" if cuda else "cpu", "batch_size": 8}
 
 
 def run_task(*, task: str, tm, lm: str, model_args: dict, limit: int | None, seed: int,  # noqa: ANN001

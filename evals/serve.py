@@ -22,7 +22,9 @@ import urllib.error
 import urllib.request
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
+from evals.vllm_stats import parse_startup
 from qgcore.errors import QuantgateError
 from qgcore.serving import ServeConfig, deploy_command
 
@@ -181,23 +183,10 @@ class VllmServer:
         msg = f"{headline}: {reason}" if reason else headline
         return ServerError(f"{msg} (log: {self.log_path})", log_tail=lines[-25:], unsupported=unsupported)
 
-    def startup_info(self) -> dict[str, float | int]:
-        """Numbers vLLM prints at start: KV-cache capacity in tokens, max concurrency, weights GiB."""
+    def startup_info(self) -> dict[str, Any]:
+        """What vLLM printed at start: weights and KV-cache memory, KV capacity in tokens (evals.vllm_stats)."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        info: dict[str, float | int] = {}
-        m = re.search(r"KV cache size: ([\d,]+) tokens", text)
-        if m:
-            info["kv_cache_tokens"] = int(m.group(1).replace(",", ""))
-        m = re.search(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
-        if m:
-            info["max_concurrency_context_len"] = int(m.group(1).replace(",", ""))
-            info["max_concurrency"] = float(m.group(2))
-        m = re.search(r"Model loading took ([\d.]+) ?GiB", text)  # GPU builds: weights in device memory
-        if m:
-            info["weights_gib"] = float(m.group(1))
-        m = re.search(r"Checkpoint size: ([\d.]+) GiB", text)  # CPU builds print the checkpoint size instead
-        if m:
-            info["checkpoint_gib"] = float(m.group(1))
+        info = parse_startup(text, cpu_kv_cache_gib=None if self.cuda else self.config.cpu_kv_cache_gib)
         if self.startup_seconds is not None:
             info["startup_seconds"] = self.startup_seconds
         return info

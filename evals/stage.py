@@ -72,7 +72,9 @@ class _Plan:
 
     def flags(self) -> list[str]:
         # the flags the server really gets here (GPU and CPU differ), so cache keys and provenance match
-        return self.cfg.args(cuda=on_cuda()) if self.engine == "vllm" else ["hf", "bfloat16"]
+        if self.engine == "vllm":
+            return self.cfg.args(cuda=on_cuda())
+        return ["hf", "bfloat16", "cuda" if on_cuda() else "cpu"]
 
     def cached(self, task: str, key: str) -> TaskResult | None:
         path = self.result_dir / f"{task}.json"
@@ -103,7 +105,7 @@ def _score_tasks(plan: _Plan, tasks: list[str], keys: dict[str, str], hashes: di
             if server is not None:
                 lm, margs = model_args_for_server(server.base_url, plan.manifest.recipe, str(plan.checkpoint), gen)
             else:
-                lm, margs = model_args_for_hf(str(plan.checkpoint))
+                lm, margs = model_args_for_hf(str(plan.checkpoint), cuda=on_cuda())
             try:
                 fields = run_task(task=task, tm=tm, lm=lm, model_args=margs, limit=limit, seed=SEED,
                                   samples_path=plan.samples_dir / f"{task}.jsonl", generative=gen)

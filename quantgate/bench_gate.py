@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ class Cell:
         return (self.p0 - down, down, up, 1 - self.p0 - up)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _passes(n: int, up: int, down: int, margin: float, level: float, min_items: int) -> bool:
     """The real decision for one table: items with exactly these counts through compare + quality_check."""
     base = [1.0] * down + [0.0] * up + [1.0] * (n - up - down)
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"false promotes at the margin, {len(out['false_promote'])} cells x {args.runs} runs "
           f"(n in {BENCH_SIZES}, d in {DISAGREE}, p0 in {BASE_ACC}): worst {worst['promote_rate']:.2%} "
           f"({worst['family']}, n={worst['n']}, d={worst['d']}, p0={worst['p0']})")
-    print(f"{'family':>6} {'n':>6} " + " ".join(f"d={d:<5}" for d in DISAGREE) + "   (promote rate at true delta = -margin, p0=0.6)")
+    print(f"{'family':>6} {'n':>6} " + " ".join(f"d={d:<5}" for d in DISAGREE)
+          + "   (promote rate at true delta = -margin, p0=0.6)")
     for family in margins:
         for n in BENCH_SIZES:
             cells = {r["d"]: r["promote_rate"] for r in out["false_promote"]

@@ -81,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--require", default=None, help="exit 2 unless this variant is promoted")
     g.add_argument("--junit", type=Path, default=None, help="JUnit XML path (default: <run>/verdict.junit.xml)")
     g.add_argument("--verify", action="store_true", help="hash every checkpoint file before gating")
+    a = sub.add_parser("all", help="quantize -> eval -> bench -> report -> gate; the exit code CI should read",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(a)
+    a.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (default: the built-in suite)")
+    a.add_argument("--limit", type=int, default=None, help="max items per task")
+    a.add_argument("--include-path", type=Path, default=None, help="folder of user lm-eval task YAMLs")
+    a.add_argument("--emulate-unsupported", action="store_true", help="as for `eval`")
+    a.add_argument("--target-gpu", default=None, help="as for `quantize`")
+    a.add_argument("--concurrency", default=None, help="as for `bench`")
+    a.add_argument("--config", type=Path, default=None, help="bench YAML, as for `bench`")
+    a.add_argument("--policy", type=Path, default=None, help="gate policy YAML")
+    a.add_argument("--require", default=None, help="exit 2 unless this variant is promoted")
+    a.add_argument("--verify", action="store_true", help="hash every checkpoint file before measuring")
+    a.add_argument("--demo", action="store_true",
+                   help="exit 0 when only the gate said no (a demo is read, not enforced)")
     return parser
 
 
@@ -116,6 +131,15 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_gate(_default_run(args), policy_path=args.policy, require=args.require, junit=args.junit,
                         verify=args.verify)
+    if args.command == "all":
+        from quantgate.pipeline import demo_exit, run_all
+
+        code = run_all(model=args.model, recipes=_recipes(args.recipes), runs_root=args.runs,
+                       tasks=_recipes(args.tasks), limit=args.limit, include_path=args.include_path,
+                       emulate=args.emulate_unsupported,
+                       target_gpu=args.target_gpu, concurrency=args.concurrency, bench_config=args.config,
+                       policy=args.policy, require=args.require, verify=args.verify)
+        return demo_exit(code) if args.demo else code
     raise AssertionError(args.command)  # argparse restricts choices
 
 

@@ -151,4 +151,19 @@ def build_report_data(run_dir: Path, policy: GatePolicy, *, verify: bool = False
             "recipe_hash": m["recipe_hash"], "content_key": m["content_key"],
         })
     return {"run": str(run_dir), "model": verdict["model"], "verdict": verdict, "variants": variants,
-            "created_at": verdict["created_at"]}
+            "created_at": verdict["created_at"], "timings": timings(run_dir, variants)}
+
+
+def timings(run_dir: Path, variants: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the time went: `quantgate all`'s per-stage wall times (timings.json) and, per variant, the
+    quantize time, the eval server's start-up vs scoring, and the bench."""
+    path = run_dir / "timings.json"
+    stages = json.loads(path.read_text()).get("stages_seconds", {}) if path.is_file() else {}
+    rows = []
+    for v in variants:
+        startup = (v["server"] or {}).get("startup_seconds")
+        ev_tasks = sum(t.get("wall_seconds", 0.0) for t in (v["tasks"] or {}).values())
+        rows.append({"variant": v["name"], "quantize_seconds": v["quantize_seconds"],
+                     "eval_server_startup_seconds": startup, "eval_scoring_seconds": round(ev_tasks, 1),
+                     "bench_seconds": (v["bench"] or {}).get("wall_seconds")})
+    return {"stages_seconds": stages, "variants": rows}

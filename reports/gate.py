@@ -77,10 +77,15 @@ def margin_for(policy: GatePolicy, family: str, metric: str, recipe: RecipeGate)
     return policy.margins[family]
 
 
+def _exact(x: float) -> Fraction:
+    """A float as the decimal it prints as (shortest round-trip repr), exactly: 0.02 is 1/50, not the binary
+    0.0200000000000000004. Bounds and margins are compared as these fractions, so a bound sitting on the
+    margin is a tie (neither pass nor fail) whatever rounding produced it."""
+    return Fraction(repr(float(x)))
+
+
 def _exceeds(worse: float, margin: float) -> bool:
-    """worse > margin, exactly: the float bound as the binary fraction it is, the margin as the decimal it was
-    written as. No difference of rounded quotients decides a verdict."""
-    return Fraction(worse) > Fraction(str(margin))
+    return _exact(worse) > _exact(margin)
 
 
 def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int,
@@ -88,15 +93,28 @@ def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int
     """Non-inferiority on one task's paired comparison (qgcore.stats.Comparison as a dict)."""
     hib = comp["higher_is_better"]
     lo, hi, d = comp["ci_low"], comp["ci_high"], comp["delta"]
+    level = comp.get("level", 0.95)
     # Express everything as "how much worse", so one rule serves both metric directions.
     worse_best, worse_worst = (-hi, -lo) if hib else (lo, hi)
-    nums = {"delta": d, "ci_low": lo, "ci_high": hi, "margin": margin, "n_items": comp["n_items"],
+    nums = {"delta": d, "ci_low": lo, "ci_high": hi, "level": level, "ci_method": comp.get("ci_method"),
+            "margin": margin, "n_items": comp["n_items"], "n_unmatched": comp.get("n_unmatched", 0),
             "recovery": comp.get("recovery"), "higher_is_better": hib}
-    ci = f"delta {d:+.4f} (95% CI {lo:+.4f}..{hi:+.4f}), margin {margin:.4f}, n={comp['n_items']}"
+    ci = f"delta {d:+.4f} ({level:.1%} CI {lo:+.4f}..{hi:+.4f}), margin {margin:.4f}, n={comp['n_items']}"
+    unmatched = comp.get("n_unmatched", 0)
+    if unmatched:
+        return Check(f"quality:{task}", "inconclusive",
+                     f"{task}: {unmatched} items scored by only one of bf16/variant: not a paired comparison; "
+                     f"rerun eval for both; {ci}", nums)
+    chance, base_low = comp.get("chance"), comp.get("baseline_ci_low")
+    if chance is not None and base_low is not None and not base_low > chance:
+        nums |= {"chance": chance, "baseline_ci_low": base_low, "recovery": None}
+        return Check(f"quality:{task}", "inconclusive",
+                     f"{task}: bf16 scores {comp.get('baseline', float('nan')):.3f} (CI low {base_low:.3f}), "
+                     f"not above chance {chance:.3f}: this task decides nothing here", nums)
     rec = comp.get("recovery")
     low_recovery = recovery_floor is not None and rec is not None and rec < recovery_floor
     rec_txt = f"; recovery {rec:.1%} < floor {recovery_floor:.0%}" if low_recovery else ""
-    if worse_best > margin:
+    if _exceeds(worse_best, margin):
         return Check(f"quality:{task}", "fail", f"{task}: worse than bf16 beyond the margin: {ci}{rec_txt}", nums)
     if comp["n_items"] < min_items:
         return Check(f"quality:{task}", "inconclusive",
@@ -197,7 +215,7 @@ def _perf(bench: dict[str, Any] | None, base_bench: dict[str, Any] | None, polic
                                 {"ratio": ratio, "floor": floor}))
     if policy.max_memory_bytes is not None:
         mem = bench.get("memory", {})
-        peak = mem.get("gpu_memory_used_bytes_peak") or mem.get("server_rss_bytes_peak")
+        peak = mem.get("server_gpu_bytes_peak") or mem.get("server_rss_bytes_peak")
         if peak is None:
             checks.append(Check("memory:cap", "inconclusive", "no memory measurement"))
         else:

@@ -105,8 +105,8 @@ def _charts(data: dict[str, Any]) -> dict[str, Markup]:
     mem_rows, disk_rows = [], []
     for v in data["variants"]:
         mem = (v["bench"] or {}).get("memory") or {}
-        peak = mem.get("gpu_memory_used_bytes_peak") or mem.get("server_rss_bytes_peak")
-        mem_rows.append((v["name"], peak, "(GPU)" if mem.get("gpu_memory_used_bytes_peak") else "(host RSS)"))
+        peak = mem.get("server_gpu_bytes_peak") or mem.get("server_rss_bytes_peak")
+        mem_rows.append((v["name"], peak, "(GPU, server tree)" if mem.get("server_gpu_bytes_peak") else "(host RSS)"))
         disk_rows.append((v["name"], v["bytes_on_disk"], ""))
     y_label = task + (" (lower is better)" if not _hib(data, task) else "")
     return {

@@ -19,7 +19,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_tiny_llama(out: Path, *, hidden: int = 128, intermediate: int = 256, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_llama(out: Path, *, hidden: int = 128, intermediate: int = 256, layers: int = 2, seed: int = 0,
+                     heads: int = 2, kv_heads: int = 1, vocab: int = 512) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -35,8 +36,8 @@ def build_tiny_llama(out: Path, *, hidden: int = 128, intermediate: int = 256, l
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
                       bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, initializer_range=0.1)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)

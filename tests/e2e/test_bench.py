@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from evals.bench_stage import bench_variant
-from evals.perf import BenchConfig
+from evals.perf import SLO, BenchConfig, meets_slo, slo_point
 from quantize.model import resolve_model
 from quantize.recipe import load_recipe
 from quantize.run import quantize
@@ -49,10 +49,16 @@ def test_memory_and_cost(bench_run):
     cfg, run = bench_run
     mem = run.memory
     assert mem["server_rss_bytes_peak"] > 100 * 2**20 and "host RSS" in mem["kind"]
-    assert "gpu_memory_used_bytes_peak" not in mem
-    assert mem["kv_cache_tokens"] > 0
+    assert "server_gpu_bytes_peak" not in mem  # no GPU: nothing is called GPU memory
+    assert mem["kv_cache_tokens"] > 0 and mem["kv_cache_bytes"] == 2 * 2**30  # VLLM_CPU_KVCACHE_SPACE
+    assert mem["sources"]["kv_cache_tokens"].startswith("vLLM start-up log")
+    assert "weights_bytes" in mem and "server_rss_bytes_peak" in mem["sources"]
     assert mem["max_concurrent_sequences_at_context_len"] == pytest.approx(mem["kv_cache_tokens"] / cfg.context_len)
     assert run.tool["name"] == "vllm bench serve" and run.tool["version"] != "unavailable"
-    if run.slo_point is not None:
-        p = run.slo_point
+    # cost at the SLO point, or (no level met the configured SLO) at the point a lax SLO would choose
+    lax = slo_point(run.levels, SLO(ttft_p95_s=1e9, itl_p95_ms=1e9), 2.40)
+    assert lax is not None and lax["concurrency"] == max(lv["concurrency"] for lv in run.levels)
+    for p in filter(None, [run.slo_point, lax]):
         assert p["usd_per_1m_output_tokens"] == pytest.approx(2.40 / (p["output_tokens_per_s"] * 3600) * 1e6)
+    if run.slo_point is None:
+        assert not any(meets_slo(lv, cfg.slo) for lv in run.levels)

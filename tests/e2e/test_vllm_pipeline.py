@@ -20,6 +20,7 @@ import pytest
 from evals import stage as eval_stage
 from evals.serve import VllmServer
 from qgcore.artifacts import CheckpointManifest, EvalRun
+from qgcore.integrity import record_files
 from quantize.model import linear_input_widths, resolve_model
 from quantize.recipe import load_recipe
 from quantize.run import quantize
@@ -58,8 +59,9 @@ def _make_damaged(run_dir: Path) -> None:
     save_file(weights, dst / "checkpoint" / "model.safetensors", metadata={"format": "pt"})
     base = CheckpointManifest.read(src / "manifest.json")
     spec = load_recipe("gptq-4").model_dump(mode="json") | {"name": "damaged"}
-    base.model_copy(update={"recipe": "damaged", "content_key": "damaged-0001", "recipe_spec": spec}).write(
-        dst / "manifest.json")
+    # the manifest records the damaged files: a broken build, not an edit after measurement
+    base.model_copy(update={"recipe": "damaged", "content_key": "damaged-0001", "recipe_spec": spec,
+                            "files": record_files(dst / "checkpoint")}).write(dst / "manifest.json")
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from qgcore import corpus
 from qgcore.errors import GroupSizeError, NoSpaceError, QuantgateError
 from quantize.model import linear_input_widths, resolve_model
 from quantize.recipe import load_recipe
 from quantize.run import quantize
 from quantize.schemes import SCHEMES, check_quantization_config
+from tests.helpers.kl import mean_kl
 
 # Upper bounds on mean per-token KL(bf16 || variant) in nats on held-out text, tiny random model
 # (init std 0.1, so its distributions are peaked and quantization error shows). Measured here:
@@ -41,26 +40,6 @@ def built(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     return model, run_dir, out
 
 
-def _mean_kl(ref_dir: Path, cand_dir: Path) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(ref_dir)
-    texts = corpus.sample("heldout", 8, seed=7)
-    # bf16 compute (as served); compressed-tensors decompresses NVFP4 only into the checkpoint dtype
-    ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.bfloat16).eval()
-    cand = AutoModelForCausalLM.from_pretrained(cand_dir, dtype=torch.bfloat16).eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for t in texts:
-            ids = tok(t, return_tensors="pt", truncation=True, max_length=128).input_ids
-            p = torch.log_softmax(ref(ids).logits.float(), -1)
-            q = torch.log_softmax(cand(ids).logits.float(), -1)
-            total += float((p.exp() * (p - q)).sum(-1).sum())
-            count += ids.shape[1]
-    return total / count
-
-
 @pytest.mark.parametrize("name", list(KL_BOUND))
 def test_recipe_checkpoint_is_what_recipe_promises(built, name):
     _, run_dir, manifests = built
@@ -81,7 +60,7 @@ def test_recipe_checkpoint_is_what_recipe_promises(built, name):
 @pytest.mark.parametrize("name", list(KL_BOUND))
 def test_checkpoint_reloads_and_diverges_little(built, name):
     _, run_dir, manifests = built
-    kl = _mean_kl(run_dir / "bf16" / "checkpoint", run_dir / name / "checkpoint")
+    kl = mean_kl(run_dir / "bf16" / "checkpoint", run_dir / name / "checkpoint")
     print(f"KL[{name}] = {kl:.5f}")
     assert 0 < kl < KL_BOUND[name]
 
@@ -102,7 +81,7 @@ def test_kl_check_catches_a_damaged_checkpoint(built, tmp_path):
         if k.endswith("proj.weight"):
             weights[k] = (w.float() + torch.randn(w.shape, generator=gen) * w.float().std()).to(w.dtype)
     save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
-    assert _mean_kl(run_dir / "bf16" / "checkpoint", damaged) > max(KL_BOUND.values())
+    assert mean_kl(run_dir / "bf16" / "checkpoint", damaged) > max(KL_BOUND.values())
 
 
 def test_bf16_is_saved_as_is(built):
@@ -195,4 +174,3 @@ def test_pin_memory_guard_only_without_accelerator():
     from llmcompressor.pipelines.cache import IntermediatesCache
 
     assert getattr(IntermediatesCache, "_quantgate_guard", False) == (not torch.accelerator.is_available())
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"

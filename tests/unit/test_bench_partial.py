@@ -9,7 +9,7 @@ from tests.unit.test_report import _manifest
 
 
 class FakeServer:
-    def __init__(self, checkpoint, *, name, log_path, config):
+    def __init__(self, checkpoint, *, name, log_path, config, scheme=None):
         self.name, self.cuda = name, False
         self.proc = type("P", (), {"pid": 1})()
 

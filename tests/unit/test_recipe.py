@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from qgcore.errors import EXIT_CONFIG, ConfigError
+from qgcore.errors import EXIT_CONFIG, ConfigError, GroupSizeError
 from quantize.recipe import RECIPES_DIR, available_recipes, load_recipe, load_recipes, parse_recipe
 
 SHIPPED = ["awq-4", "bf16", "fp8", "fp8-kv", "gptq-4", "nvfp4"]
@@ -26,7 +26,13 @@ def test_recipe_declarations():
     assert r["nvfp4"].hardware.min_compute_capability == 10.0
     assert r["nvfp4"].hardware.fallback_min_compute_capability is not None
     assert r["nvfp4"].effective_group_size == 16
-    assert r["gptq-4"].quant.group_size == 64 and 576 % 64 == 0  # default works for SmolLM2
+    from quantize.run import check_group_size
+
+    smollm2 = {"model.layers.0.self_attn.q_proj": 576, "model.layers.0.mlp.down_proj": 1536}
+    check_group_size(r["gptq-4"], smollm2)  # the shipped group size fits SmolLM2's widths
+    with pytest.raises(GroupSizeError, match="576"):
+        check_group_size(r["gptq-4"].model_copy(update={"quant": r["gptq-4"].quant.model_copy(
+            update={"group_size": 128})}), smollm2)
     for n in ("fp8-kv", "awq-4", "gptq-4", "nvfp4"):
         assert r[n].calibration is not None and r[n].calibration.source == "builtin"
 
@@ -49,7 +55,7 @@ def _base():
 def test_unknown_key_rejected():
     data = _base()
     data["quant"]["group_sise"] = 64
-    with pytest.raises(ConfigError, match=r"unknown key 'quant.group_sise'"):
+    with pytest.raises(ConfigError, match=r"quant.group_sise: unknown key"):
         parse_recipe(data, source="x.yaml")
 
 

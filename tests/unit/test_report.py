@@ -10,6 +10,7 @@ from xml.etree import ElementTree as ET
 import pytest
 
 from qgcore.artifacts import BenchRun, CheckpointManifest, EvalRun, ModelRef, TaskResult
+from qgcore.integrity import record_files
 from qgcore.stats import compare
 from quantgate.cli import main
 from quantize.recipe import load_recipe
@@ -20,9 +21,9 @@ from reports.render import render
 MODEL = ModelRef(model_id="tiny", path="/m", revision="sha256:abc", slug="tiny", source="local")
 
 
-def _manifest(name: str, size: int) -> CheckpointManifest:
+def _manifest(name: str, size: int, files: dict | None = None) -> CheckpointManifest:
     r = load_recipe(name)
-    return CheckpointManifest(
+    return CheckpointManifest(files=files or {},
         content_key=f"k-{name}", model=MODEL, recipe=name, recipe_hash=r.content_hash(),
         recipe_spec=r.model_dump(mode="json"), calibration=None, calibration_data=None, versions={"torch": "x"},
         device={"device": "cpu"}, wall_seconds=1.0, peak_memory={"rss_bytes": 1 << 30}, bytes_on_disk=size,
@@ -36,7 +37,8 @@ def _items(correct: list[int]) -> dict[str, list[float]]:
 def _write_variant(run: Path, name: str, correct: list[int], tps: float, size: int, base: dict | None) -> dict:
     vdir = run / name
     (vdir / "checkpoint").mkdir(parents=True)
-    _manifest(name, size).write(vdir / "manifest.json")
+    (vdir / "checkpoint" / "config.json").write_text('{"model_type": "llama"}')
+    _manifest(name, size, record_files(vdir / "checkpoint")).write(vdir / "manifest.json")
     items = _items(correct)
     task = TaskResult(key="k", task="mc", status="ok", engine="vllm", metric="acc,none", higher_is_better=True,
                       binary=True, value=sum(correct) / len(correct), stderr=0.01, n_items=len(correct), items=items)
@@ -74,7 +76,8 @@ def run_dir(tmp_path: Path) -> Path:
 def test_gate_cli_writes_verdict_and_junit(run_dir: Path, capsys):
     assert main(["gate", str(run_dir)]) == 0
     verdict = json.loads((run_dir / "verdict.json").read_text())
-    assert verdict["schema_version"] == 1
+    assert verdict["schema_version"] == 2
+    assert verdict["multiplicity"] == {"correction": "bonferroni", "alpha": 0.05, "k": 2, "level": 0.975}
     assert verdict["variants"]["fp8"]["verdict"] == "promote"
     assert verdict["variants"]["gptq-4"]["verdict"] == "reject"
     assert verdict["recommended"] == "fp8"
@@ -132,3 +135,13 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path):
                          check=False).stdout
     assert "Gate: PASSED" in dom and "Recommended variant" in dom
     assert re.search(r"promote</span>", dom) and re.search(r"reject</span>", dom)
+
+
+def test_ci_entry_point_keeps_exit_codes_on_promoted_and_rejected_runs(run_dir: Path):
+    """The installed console script (what CI calls): 0 when a variant is promoted, 2 when the required one is not."""
+    exe = Path(__file__).resolve().parents[2] / ".venvs/quantize/bin/quantgate"
+    promoted = subprocess.run([str(exe), "gate", str(run_dir)], capture_output=True, text=True, check=False)
+    assert promoted.returncode == 0 and "recommended: fp8" in promoted.stdout
+    rejected = subprocess.run([str(exe), "gate", str(run_dir), "--require", "gptq-4"], capture_output=True,
+                              text=True, check=False)
+    assert rejected.returncode == 2 and "gptq-4: REJECT" in rejected.stdout

@@ -1,0 +1,93 @@
+"""`quantgate all`: quantize -> eval -> bench -> gate -> report in one process, with CI's exit codes kept.
+
+GNU make exits 2 for any failing recipe, so `make all` cannot tell "the gate said no" (2) from "a tool
+broke" (1, 3-8). This is the entry point CI calls instead: a stage that loses only some variants (9)
+does not stop the rest; any other failure stops the run with its own code; otherwise the exit code is the
+gate's (0 promoted / 2 rejected), or 9 when the gate promoted but some variant failed somewhere.
+Each run writes `<run>/timings.json`: wall seconds per stage, as measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from qgcore.errors import EXIT_GATE_REJECTED, EXIT_OK, EXIT_PARTIAL, QuantgateError
+from qgcore.paths import slug_for
+
+Stage = Callable[[], int]
+
+
+def combine(stage_codes: dict[str, int], gate_code: int | None) -> int:
+    """The run's exit code from each stage's: first hard failure wins; then the gate; 9 if a stage was partial."""
+    for code in stage_codes.values():
+        if code not in (EXIT_OK, EXIT_PARTIAL):
+            return code
+    if gate_code is None:
+        return EXIT_OK
+    if gate_code != EXIT_OK:
+        return gate_code
+    return EXIT_PARTIAL if EXIT_PARTIAL in stage_codes.values() else EXIT_OK
+
+
+def run_stages(stages: dict[str, Stage], gate: Stage, timings_path: Path, report: Stage | None = None) -> int:
+    """Run `stages` in order, then `gate` unless a stage failed hard, then `report` (also when the gate said no);
+    record wall times after every step; return the exit code."""
+    codes: dict[str, int] = {}
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def step(name: str, fn: Stage) -> int:
+        t0 = time.perf_counter()
+        try:
+            codes[name] = fn()
+        except QuantgateError as err:
+            print(f"quantgate: error in {name}: {err}")
+            codes[name] = err.exit_code
+        timings[name] = round(time.perf_counter() - t0, 2)
+        timings["total"] = round(time.perf_counter() - started, 2)
+        if timings_path.parent.is_dir():  # written as we go: the report (last) reads every stage before it
+            timings_path.write_text(json.dumps({"stages_seconds": timings, "exit_codes": codes}, indent=1) + "\n")
+        return codes[name]
+
+    for name, stage in stages.items():
+        if step(name, stage) not in (EXIT_OK, EXIT_PARTIAL):
+            return combine(codes, None)
+    gate_code = step("gate", gate)
+    code = combine({k: v for k, v in codes.items() if k != "gate"}, gate_code)
+    if report is not None and gate_code in (EXIT_OK, EXIT_GATE_REJECTED):
+        report_code = step("report", report)
+        if report_code != EXIT_OK:
+            return report_code
+    return code
+
+
+def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
+            limit: int | None, include_path: Path | None, emulate: bool, target_gpu: str | None,
+            concurrency: str | None, bench_config: Path | None, policy: Path | None, require: str | None,
+            verify: bool) -> int:
+    from evals.bench_stage import run_bench_stage
+    from evals.stage import run_eval_stage
+    from quantize.stage import run_stage
+    from reports.stage import run_gate, run_report
+
+    run_dir = runs_root / slug_for(model)
+    stages: dict[str, Stage] = {
+        "quantize": lambda: run_stage(model=model, recipes=recipes, runs_root=runs_root, target_gpu=target_gpu),
+        "eval": lambda: run_eval_stage(model=model, recipes=recipes, runs_root=runs_root, tasks=tasks,
+                                       include_path=include_path, limit=limit, emulate=emulate, force=False,
+                                       verify=verify),
+        "bench": lambda: run_bench_stage(model=model, recipes=recipes, runs_root=runs_root, config_path=bench_config,
+                                         concurrency=concurrency, force=False),
+    }
+    code = run_stages(stages, lambda: run_gate(run_dir, policy_path=policy, require=require, junit=None),
+                      run_dir / "timings.json", report=lambda: run_report(run_dir, policy_path=policy))
+    print(f"report: {run_dir / 'report.html'}  verdict: {run_dir / 'verdict.json'}  exit: {code}")
+    return code
+
+
+def demo_exit(code: int) -> int:
+    """`make demo` is read, not enforced: the gate saying no is a result there, a broken tool is not."""
+    return EXIT_OK if code == EXIT_GATE_REJECTED else code
