@@ -28,7 +28,7 @@ RUN ?= $(RUNS)/$(SLUG)
 opt = $(if $(2),$(1) $(2))
 COMMON = $(call opt,--model,$(MODEL)) $(call opt,--recipes,$(RECIPES)) --runs $(RUNS)
 
-.PHONY: setup chromium quantize eval bench report gate all demo test test-slow lint bench-eval bench-gate clean help
+.PHONY: setup chromium quantize eval bench report gate all demo test test-slow lint bench-eval bench-gate bench-pipeline clean help
 
 help:
 	@sed -n '2,6p' Makefile
@@ -89,24 +89,29 @@ ALL_ARGS = $(COMMON) $(call opt,--tasks,$(TASKS)) $(call opt,--include-path,$(IN
 all: setup
 	$(QG) all $(ALL_ARGS) $(call opt,--limit,$(LIMIT))
 
-# The README's main command: the whole pipeline on the embedded default, sized for a 2-core CPU
-# (150 items per task: above the gate's 100-item minimum; `make all` scores every item).
-# A demo is read, not enforced: "the gate said no" is a result here (exit 0), only tool errors fail it.
+# The README's main command: the whole pipeline on the embedded default, sized for a first run on a small
+# machine (see `quantgate all --help`: 100 items, the tasks it can decide on, a short CPU bench; recorded in
+# runs/<slug>/demo.json and the report). A demo is read, not enforced: "the gate said no" exits 0 here.
 demo: setup
-	$(QG) all $(ALL_ARGS) --limit $(or $(LIMIT),150) --demo
+	$(QG) all $(ALL_ARGS) $(call opt,--limit,$(LIMIT)) --demo
 
 # --- tests and benchmarks ---
-test: setup chromium
+test: setup chromium lint
 	$(QPY) -m pytest $(PYTEST_ARGS)
 
 test-slow: setup
 	$(QPY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: $(VENVS)/quantize/.ok
-	$(QPY) -m ruff check quantgate quantize evals reports tests
+	$(QPY) -m ruff check qgcore quantgate quantize evals reports tests
+	$(QPY) -m mypy
 
 bench-eval: setup
 	$(QPY) -m quantgate.bench_eval $(call opt,--model,$(MODEL)) $(call opt,--limit,$(LIMIT)) --runs $(RUNS)
+
+# `quantgate all` over the sum of its stages, and a rerun with nothing changed (default model, bf16 + fp8).
+bench-pipeline: setup
+	$(QPY) -m quantgate.bench_pipeline --runs $(RUNS)/bench-pipeline $(call opt,--model,$(MODEL))
 
 # The gate's false-promote rate and power by simulation through its own code (no model, no server).
 bench-gate: $(VENVS)/quantize/.ok

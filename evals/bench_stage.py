@@ -46,6 +46,7 @@ _BENCH_MAIN = (
     "main(p.parse_args(sys.argv[1:]))\n"
 )
 CPU_CONFIG = Path(__file__).resolve().parent / "bench.cpu.yaml"
+DEMO_CPU_CONFIG = Path(__file__).resolve().parent / "bench.demo-cpu.yaml"
 _KEEP = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
          "total_input_tokens", "total_output_tokens")
 

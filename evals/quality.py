@@ -55,14 +55,44 @@ def model_args_for_hf(checkpoint: str, *, cuda: bool = False) -> tuple[str, dict
     return "hf", {"pretrained": checkpoint, "dtype": "bfloat16", "device": "cuda" if cuda else "cpu", "batch_size": 8}
 
 
+def batched_rolling_completions(model_args: dict[str, Any]) -> Any:
+    """lm-eval's `local-completions` client, except that a rolling log-likelihood task (perplexity) sends the
+    windows of *all* documents through one batched, concurrent call instead of one document at a time.
+
+    The windows are the ones lm-eval itself builds (utils.get_rolling_token_windows), and each document's
+    log-likelihood is their sum, so scores are identical; only the request schedule changes (the server sees
+    `batch_size` x `num_concurrent` requests in flight instead of one).
+    """
+    from lm_eval import utils
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    class BatchedRolling(LocalCompletionsAPI):  # type: ignore[misc]
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+            windows, owner = [], []
+            for i, (text,) in enumerate(req.args for req in requests):
+                tokens = self.tok_encode(text)
+                for w in utils.get_rolling_token_windows(token_list=tokens, prefix_token=self.prefix_token_id,
+                                                         max_seq_len=self.max_length - 1, context_len=1):
+                    windows.append((None, *utils.make_disjoint_window(w)))
+                    owner.append(i)
+            totals = [0.0] * len(requests)
+            for i, (ll, _greedy) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm),
+                                        strict=True):
+                totals[i] += ll
+            return totals
+
+    return BatchedRolling(**model_args)
+
+
 def run_task(*, task: str, tm, lm: str, model_args: dict, limit: int | None, seed: int,  # noqa: ANN001
              samples_path: Path, generative: bool) -> dict[str, Any]:
     """One lm-eval `simple_evaluate` call; returns the parsed TaskResult fields."""
     import lm_eval
 
     started = time.perf_counter()
+    model: Any = batched_rolling_completions(model_args) if lm == "local-completions" else lm
     out = lm_eval.simple_evaluate(
-        model=lm, model_args=model_args, tasks=[task], limit=limit, log_samples=True, task_manager=tm,
+        model=model, model_args=model_args, tasks=[task], limit=limit, log_samples=True, task_manager=tm,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         bootstrap_iters=200, apply_chat_template=generative, verbosity="WARNING",
     )

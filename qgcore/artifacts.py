@@ -15,9 +15,9 @@ from qgcore.vocab import EMULATED, Family
 
 __all__ = ["EMULATED", "Family"]  # re-exported: artifacts carry these labels
 
-MANIFEST_SCHEMA_VERSION = 2  # 2: per-file hashes
-EVAL_SCHEMA_VERSION = 2  # 2: chance rate, scored-metric examples, Tango/BCa comparisons
-BENCH_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION: Literal[2] = 2  # 2: per-file hashes
+EVAL_SCHEMA_VERSION: Literal[2] = 2  # 2: chance rate, scored-metric examples, Tango/BCa comparisons
+BENCH_SCHEMA_VERSION: Literal[1] = 1
 Status = Literal["ok", "skipped", "failed", "unsupported"]
 
 
@@ -26,7 +26,7 @@ def quantization_summary(config: dict[str, Any]) -> dict[str, Any]:
     q = config.get("quantization_config")
     if not q:
         return {"quantized": False, "dtype": str(config.get("torch_dtype") or config.get("dtype"))}
-    group = next(iter((q.get("config_groups") or {}).values()), {})
+    group: dict[str, Any] = next(iter((q.get("config_groups") or {}).values()), {})
     return {
         "quantized": True,
         "quant_method": q.get("quant_method"),

@@ -17,8 +17,10 @@ compete. McNemar's exact p-value (scipy's binomial test on the discordant pairs)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +50,7 @@ class Comparison:
     baseline_ci_low: float | None = None  # Wilson interval of bf16's own accuracy, at the same level
     n_boot: int = 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -72,7 +74,7 @@ def tango_statistic(n: int, up: int, down: int, delta0: float) -> float:
     return num / math.sqrt(var)
 
 
-def _root(f, lo: float, hi: float) -> float:  # noqa: ANN001 - f: float -> float, f(lo) > 0 > f(hi)
+def _root(f: Callable[[float], float], lo: float, hi: float) -> float:  # f(lo) > 0 > f(hi)
     for _ in range(200):  # bisection to machine precision: f is monotone, no derivative needed
         mid = (lo + hi) / 2
         if mid in (lo, hi):
@@ -116,8 +118,8 @@ def bca_ratio_difference(b: np.ndarray, c: np.ndarray, *, level: float, n_resamp
     """BCa interval of Σc_num/Σc_den - Σb_num/Σb_den, resampling items (paired). b, c: (n, 2) arrays."""
     from scipy.stats import bootstrap
 
-    def stat(bn, bd, cn, cd, axis=-1):  # noqa: ANN001, ANN202 - scipy's vectorised statistic signature
-        return cn.sum(axis=axis) / cd.sum(axis=axis) - bn.sum(axis=axis) / bd.sum(axis=axis)
+    def stat(bn: np.ndarray, bd: np.ndarray, cn: np.ndarray, cd: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.asarray(cn.sum(axis=axis) / cd.sum(axis=axis) - bn.sum(axis=axis) / bd.sum(axis=axis))
 
     diffs = c[:, 0] / c[:, 1] - b[:, 0] / b[:, 1]
     point = float(stat(b[:, 0], b[:, 1], c[:, 0], c[:, 1]))
@@ -158,7 +160,7 @@ def compare(
     c = np.array([candidate[i] for i in ids], dtype=float)
     base, cand = _ratio(b), _ratio(c)
     n = len(ids)
-    extra: dict = {}
+    extra: dict[str, Any] = {}
     if binary:
         down = int(np.sum((b[:, 0] == 1) & (c[:, 0] == 0)))
         up = int(np.sum((b[:, 0] == 0) & (c[:, 0] == 1)))
@@ -192,7 +194,7 @@ def familywise_level(alpha: float, k: int, correction: str) -> float:
     raise ValueError(f"unknown multiplicity correction '{correction}' (use bonferroni or none)")
 
 
-def compare_runs(run, baseline, *, level: float = 0.95) -> dict[str, dict]:  # noqa: ANN001 - EvalRun-like
+def compare_runs(run: Any, baseline: Any, *, level: float = 0.95) -> dict[str, dict[str, Any]]:  # EvalRun-like
     """Paired comparisons of every task two eval runs both scored ok, as dicts (what eval.json and the gate
     store). The chance rate comes from the baseline's task (bf16 decides whether a task can say anything)."""
     out = {}

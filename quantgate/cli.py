@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--require", default=None, help="exit 2 unless this variant is promoted")
     a.add_argument("--verify", action="store_true", help="hash every checkpoint file before measuring")
     a.add_argument("--demo", action="store_true",
-                   help="exit 0 when only the gate said no (a demo is read, not enforced)")
+                   help="demo sizing where not given (100 items, the tasks the default model can decide on, a short "
+                        "CPU bench; recorded in demo.json and the report); exit 0 when only the gate said no")
     return parser
 
 
@@ -138,7 +139,7 @@ def dispatch(args: argparse.Namespace) -> int:
                        tasks=_recipes(args.tasks), limit=args.limit, include_path=args.include_path,
                        emulate=args.emulate_unsupported,
                        target_gpu=args.target_gpu, concurrency=args.concurrency, bench_config=args.config,
-                       policy=args.policy, require=args.require, verify=args.verify)
+                       policy=args.policy, require=args.require, verify=args.verify, demo=args.demo)
         return demo_exit(code) if args.demo else code
     raise AssertionError(args.command)  # argparse restricts choices
 

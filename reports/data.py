@@ -9,6 +9,7 @@ from the published per-item results. Rendering lives in reports/render.py; decid
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,8 @@ def build_report_data(run_dir: Path, policy: GatePolicy, *, verify: bool = False
             "recipe_hash": m["recipe_hash"], "content_key": m["content_key"],
         })
     return {"run": str(run_dir), "model": verdict["model"], "verdict": verdict, "variants": variants,
-            "created_at": verdict["created_at"], "timings": timings(run_dir, variants)}
+            "created_at": verdict["created_at"], "timings": timings(run_dir, variants),
+            "demo": json.loads((run_dir / "demo.json").read_text()) if (run_dir / "demo.json").is_file() else None}
 
 
 def timings(run_dir: Path, variants: list[dict[str, Any]]) -> dict[str, Any]:

@@ -120,7 +120,7 @@ def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int
         return Check(f"quality:{task}", "inconclusive",
                      f"{task}: only {comp['n_items']} items (< {min_items}): too few to show non-inferiority; "
                      f"{ci}{rec_txt}", nums)
-    if low_recovery:
+    if low_recovery and recovery_floor is not None:
         # Like the margin, the floor fails only when even the CI's best case is below it: near-chance
         # baselines make the point estimate of a ratio swing with a single flipped item.
         best = _best_recovery(comp)
@@ -130,7 +130,7 @@ def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int
         return Check(f"quality:{task}", "inconclusive",
                      f"{task}: recovery {rec:.1%} < floor {recovery_floor:.0%}, but the CI reaches the floor; {ci}",
                      nums)
-    if Fraction(worse_worst) < Fraction(str(margin)):
+    if _exact(worse_worst) < _exact(margin):  # strict: a bound sitting on the margin does not pass
         return Check(f"quality:{task}", "pass", f"{task}: non-inferior: {ci}", nums)
     return Check(f"quality:{task}", "inconclusive", f"{task}: CI too wide to decide: {ci}", nums)
 
@@ -140,9 +140,9 @@ def _best_recovery(comp: dict[str, Any]) -> float | None:
     if not base:
         return None
     if comp["higher_is_better"]:
-        return (base + comp["ci_high"]) / base
-    worst_case_low = base + comp["ci_low"]
-    return base / worst_case_low if worst_case_low > 0 else None
+        return float((base + comp["ci_high"]) / base)
+    worst_case_low = float(base + comp["ci_low"])
+    return float(base / worst_case_low) if worst_case_low > 0 else None
 
 
 def _quality(name: str, family: str, ev: dict[str, Any], policy: GatePolicy,

@@ -62,8 +62,8 @@ def load_policy(path: Path | None = None) -> GatePolicy:
     if any(m < 0 for m in [*pf.quality.margins.values(), *pf.quality.metric_margins.values()]):
         raise ConfigError(f"{path}: margins must be >= 0")
     return GatePolicy(
-        margins=dict(pf.quality.margins), metric_margins=dict(pf.quality.metric_margins),
-        recovery_min=dict(pf.quality.recovery_min), min_items=pf.quality.min_items,
+        margins={str(k): v for k, v in pf.quality.margins.items()}, metric_margins=dict(pf.quality.metric_margins),
+        recovery_min={str(k): v for k, v in pf.quality.recovery_min.items()}, min_items=pf.quality.min_items,
         throughput_floor_vs_bf16=pf.performance.throughput_floor_vs_bf16, require_slo=pf.performance.require_slo,
         max_memory_bytes=int(pf.memory.max_gib * 2**30) if pf.memory.max_gib else None,
         allow_emulated=pf.quality.allow_emulated, alpha=pf.quality.alpha, multiplicity=pf.quality.multiplicity,

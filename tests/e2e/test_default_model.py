@@ -61,10 +61,12 @@ def test_default_demo_quantize_eval_report_gate(default_runs: Path):
     assert main(["report", str(run)]) == 0
     html = (run / "report.html").read_text()
     assert "qg_mmlu_dev" in html and "mmlu_pro" in html
-    assert main(["gate", str(run)]) == 2  # 12 items cannot show non-inferiority: inconclusive, not promoted
+    assert main(["gate", str(run)]) == 2  # 12 items cannot show anything: inconclusive, not promoted
     verdict = json.loads((run / "verdict.json").read_text())
     assert verdict["variants"]["fp8"]["verdict"] == "inconclusive"
-    assert any("too few" in c["reason"] for c in verdict["variants"]["fp8"]["checks"])
+    # on 12 items bf16's accuracy CI cannot clear chance (0.25), so the task decides nothing, and says why
+    mmlu = next(c for c in verdict["variants"]["fp8"]["checks"] if c["name"] == "quality:qg_mmlu_dev")
+    assert mmlu["outcome"] == "inconclusive" and "not above chance 0.250" in mmlu["reason"]
 
 
 # Measured on SmolLM2-135M (this machine, `make test-slow`), bounds ~2x above: see README "Recipes".

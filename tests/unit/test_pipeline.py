@@ -66,3 +66,18 @@ def test_make_hides_the_code_the_cli_keeps(tmp_path: Path):
     make = subprocess.run(["make", "-s", "gate", f"RUN={empty}"], cwd=ROOT, capture_output=True, text=True,
                           check=False)
     assert make.returncode == 2
+
+
+def test_demo_sizing_fills_only_what_is_open_and_is_recorded(tmp_path: Path):
+    from quantgate.pipeline import DEMO_LIMIT, DEMO_TASKS, demo_settings
+
+    cpu_bench = tmp_path / "bench.demo-cpu.yaml"
+    limit, tasks, bench = demo_settings(tmp_path / "run", limit=None, tasks=None, bench_config=None, cuda=False,
+                                        demo_cpu_bench=cpu_bench)
+    assert (limit, tasks, bench) == (DEMO_LIMIT, DEMO_TASKS, cpu_bench)
+    rec = json.loads((tmp_path / "run" / "demo.json").read_text())
+    assert rec["limit"] == 100 and "qg_mmlu_dev left out" in rec["note"] and rec["bench_config"] == cpu_bench.name
+    # what the user set wins; on a GPU the bench keeps its GPU defaults
+    limit, tasks, bench = demo_settings(tmp_path / "run", limit=273, tasks=["qg_mmlu_dev"], bench_config=None,
+                                        cuda=True, demo_cpu_bench=cpu_bench)
+    assert (limit, tasks, bench) == (273, ["qg_mmlu_dev"], None)

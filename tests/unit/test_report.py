@@ -145,3 +145,13 @@ def test_ci_entry_point_keeps_exit_codes_on_promoted_and_rejected_runs(run_dir: 
     rejected = subprocess.run([str(exe), "gate", str(run_dir), "--require", "gptq-4"], capture_output=True,
                               text=True, check=False)
     assert rejected.returncode == 2 and "gptq-4: REJECT" in rejected.stdout
+
+
+def test_report_shows_where_the_time_went(run_dir: Path):
+    (run_dir / "timings.json").write_text(json.dumps({"stages_seconds": {"quantize": 12.5, "eval": 300.0,
+                                                                          "total": 312.5}, "exit_codes": {}}))
+    data = build_report_data(run_dir, load_policy())
+    assert data["timings"]["stages_seconds"]["eval"] == 300.0
+    assert [r["variant"] for r in data["timings"]["variants"]] == ["bf16", "fp8", "gptq-4"]
+    html = render(data)
+    assert 'id="stage-timings"' in html and "300.0 s" in html
