@@ -169,7 +169,7 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     vdir = run_dir / manifest.recipe
     out_path = vdir / "bench.json"
     scfg = ServeConfig.from_spec(manifest.serve)
-    key = bench_key(manifest, cfg, scfg.args(cuda=on_cuda()))
+    key = bench_key(manifest, cfg, scfg.args(cuda=on_cuda()) + [f"{k}={v}" for k, v in scfg.env(on_cuda()).items()])
     if not force and out_path.is_file():
         try:
             old = BenchRun.read(out_path)

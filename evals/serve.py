@@ -110,7 +110,8 @@ class VllmServer:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
+        for key, value in self.config.env(self.cuda).items():
+            env.setdefault(key, value)  # an explicit setting in the caller's environment wins
         env.setdefault("VLLM_CACHE_ROOT", str(PROJECT_ROOT / ".cache" / "vllm"))
         env.setdefault("HF_HUB_OFFLINE", "1")  # the checkpoint is local; never reach for the hub mid-serve
         env.setdefault("VLLM_NO_USAGE_STATS", "1")

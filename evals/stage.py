@@ -72,8 +72,8 @@ class _Plan:
 
     def flags(self) -> list[str]:
         # the flags the server really gets here (GPU and CPU differ), so cache keys and provenance match
-        if self.engine == "vllm":
-            return self.cfg.args(cuda=on_cuda())
+        if self.engine == "vllm":  # thread settings can move the last digits of a log-prob: part of the key
+            return self.cfg.args(cuda=on_cuda()) + [f"{k}={v}" for k, v in self.cfg.env(on_cuda()).items()]
         return ["hf", "bfloat16", "cuda" if on_cuda() else "cpu"]
 
     def cached(self, task: str, key: str) -> TaskResult | None:
