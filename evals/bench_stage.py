@@ -31,12 +31,13 @@ from evals.serve import ServerError, VllmServer, on_cuda
 from evals.variants import checkpoint_key, variant_manifests, vllm_version
 from evals.vllm_stats import parse_cache_config_info
 from qgcore import provenance
-from qgcore.artifacts import BenchRun, CheckpointManifest
+from qgcore.artifacts import BenchRun, CheckpointManifest, EvalRun
 from qgcore.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
 from qgcore.hashing import content_key
 from qgcore.memory import PeakGPU, PeakRSS
 from qgcore.paths import slug_for
 from qgcore.serving import ServeConfig
+from qgcore.vocab import EMULATED
 
 _BENCH_MAIN = (
     "import argparse, sys\n"
@@ -159,6 +160,24 @@ def memory_summary(startup: dict[str, Any], metrics_info: dict[str, Any], cuda: 
     return mem
 
 
+def _unservable(vdir: Path, manifest: CheckpointManifest) -> tuple[str, str] | None:
+    """(status, reason) when this checkpoint's eval found it cannot be served at all (vLLM refused it at start-up,
+    or its config disagrees with its manifest): starting it again for the bench would only fail again."""
+    path = vdir / "eval.json"
+    try:
+        ev = EvalRun.read(path) if path.is_file() else None
+    except ArtifactError:
+        return None
+    if ev is None or ev.manifest_key != manifest.content_key:
+        return None
+    if ev.engine == EMULATED:  # scored by emulation because vLLM has no kernel for it here
+        return "unsupported", f"vLLM cannot serve it here (eval: {ev.reason})"
+    if ev.status == "failed" and ev.reason and ("during start-up" in ev.reason or "disagrees with the manifest"
+                                                   in ev.reason or "not healthy" in ev.reason):
+        return "failed", f"the eval stage could not start it: {ev.reason}"
+    return None
+
+
 def bench_key(manifest: CheckpointManifest, cfg: BenchConfig, flags: list[str]) -> str:
     return content_key({"ckpt": checkpoint_key(manifest), "cfg": cfg.model_dump(mode="json"), "flags": flags,
                         "vllm": vllm_version()})
@@ -180,6 +199,14 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     hardware = provenance.hardware()
     price_key, price = price_for(cfg, hardware)
     started = time.perf_counter()
+    unservable = _unservable(vdir, manifest)
+    if unservable is not None:  # the eval stage already started this checkpoint with these flags and failed
+        status, why = unservable
+        return BenchRun(variant=manifest.recipe, status=status, reason=f"not benched: {why}", key=key,
+                        tool={"name": "vllm bench serve", "version": vllm_version()},
+                        settings=cfg.model_dump(mode="json") | {"price_key": price_key, "price_per_hour": price},
+                        levels=[], slo=cfg.slo.model_dump(), slo_point=None,
+                        memory={"checkpoint_bytes_on_disk": manifest.bytes_on_disk}, hardware=hardware)
     levels: list[dict[str, Any]] = []
     status, reason, tail, server_info = "ok", None, [], {}
     mem: dict[str, Any] = {"checkpoint_bytes_on_disk": manifest.bytes_on_disk}

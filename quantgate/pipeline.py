@@ -81,7 +81,8 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
     else:
         (run_dir / "demo.json").unlink(missing_ok=True)
     stages: dict[str, Stage] = {
-        "quantize": lambda: run_stage(model=model, recipes=recipes, runs_root=runs_root, target_gpu=target_gpu),
+        "quantize": lambda: run_stage(model=model, recipes=recipes, runs_root=runs_root, target_gpu=target_gpu,
+                                      calibration=DEMO_CALIBRATION if demo else None),
         "eval": lambda: run_eval_stage(model=model, recipes=recipes, runs_root=runs_root, tasks=tasks,
                                        include_path=include_path, limit=limit, emulate=emulate, force=False,
                                        verify=verify),
@@ -98,13 +99,15 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
 # report, so a smaller demo never passes for a full run.
 DEMO_LIMIT = 100  # the gate's min_items: the smallest n at which a task can decide
 DEMO_TASKS = ["qg_stdlib_cont", "qg_stdlib_ppl", "mmlu_pro"]  # the tasks the default model can decide on
+DEMO_CALIBRATION = (32, 256)  # (samples, tokens) for calibrated recipes; the recipes say 64 x 512
 DEMO_WHY = ("demo sizing for a first run on a small machine: {limit} items per task (the gate's minimum); tasks "
-            "{tasks} (qg_mmlu_dev left out: SmolLM2-135M is at chance on it, so it decides nothing); bench {bench}. "
-            "`make all` runs the full suite, every item, the full bench.")
+            "{tasks} (qg_mmlu_dev left out: SmolLM2-135M is at chance on it, so it decides nothing); calibration "
+            "{calib} samples x {calib_len} tokens (the recipes say 64 x 512; AWQ/GPTQ/NVFP4/FP8-KV checkpoints "
+            "differ accordingly); bench {bench}. `make all` runs the recipes as written, every item, the full bench.")
 
 
 def demo_settings(run_dir: Path, *, limit: int | None, tasks: list[str] | None, bench_config: Path | None,
-                  cuda: bool, demo_cpu_bench: Path) -> tuple[int, list[str], Path | None]:
+                  cuda: bool, demo_cpu_bench: Path) -> tuple[int, list[str], Path | None]:  # and DEMO_CALIBRATION
     """Fill what the user left open with the demo's sizing and record it in `run_dir/demo.json`."""
     limit = limit if limit is not None else DEMO_LIMIT
     tasks = tasks or list(DEMO_TASKS)
@@ -112,9 +115,11 @@ def demo_settings(run_dir: Path, *, limit: int | None, tasks: list[str] | None, 
         bench_config = demo_cpu_bench
     run_dir.mkdir(parents=True, exist_ok=True)
     bench = bench_config.name if bench_config else "GPU defaults"
+    n, length = DEMO_CALIBRATION
     (run_dir / "demo.json").write_text(json.dumps({
-        "limit": limit, "tasks": tasks, "bench_config": bench,
-        "note": DEMO_WHY.format(limit=limit, tasks=", ".join(tasks), bench=bench)}, indent=1) + "\n")
+        "limit": limit, "tasks": tasks, "bench_config": bench, "calibration": {"num_samples": n, "seq_len": length},
+        "note": DEMO_WHY.format(limit=limit, tasks=", ".join(tasks), bench=bench, calib=n, calib_len=length)},
+        indent=1) + "\n")
     return limit, tasks, bench_config
 
 
