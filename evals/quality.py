@@ -121,7 +121,10 @@ def parse_results(task: str, out: dict, samples: list[dict]) -> dict[str, Any]:
     primary = next((p for p in _PRIMARY if p in names), names[0] if names else None)
     if primary is None:
         raise RuntimeError(f"lm-eval gave no metric for {task}")
-    key = next(k for k in metrics if k.split(",")[0] == primary)
+    key = _primary_key(metrics, primary)
+    filt = key.split(",", 1)[1] if "," in key else None
+    # lm-eval logs one sample per (document, filter): keep only the scored filter's, or items would mix filters
+    samples = [s for s in samples if filt is None or s.get("filter", filt) == filt]
     hib = bool(out.get("higher_is_better", {}).get(task, {}).get(primary, True))
     items: dict[str, list[float]] = {}
     binary = True
@@ -146,6 +149,18 @@ def parse_results(task: str, out: dict, samples: list[dict]) -> dict[str, Any]:
         "num_fewshot": out.get("n-shot", {}).get(task, cfg.get("num_fewshot")),
         "chance": chance, "examples": examples,
     }
+
+
+# With several filters (gsm8k: strict-match / flexible-extract), the strict one is what is reported as the score.
+_FILTER_PREFERENCE = ("none", "strict-match", "custom-extract")
+
+
+def _primary_key(metrics: dict[str, Any], primary: str) -> str:
+    keys = [k for k in metrics if k.split(",")[0] == primary]
+    for filt in _FILTER_PREFERENCE:
+        if f"{primary},{filt}" in keys:
+            return f"{primary},{filt}"
+    return sorted(keys)[0]  # deterministic, whatever order lm-eval wrote them in
 
 
 def _choices(samples: list[dict], primary: str, cfg: dict) -> tuple[float | None, dict[str, dict[str, Any]]]:

@@ -24,16 +24,18 @@ Verdict = Literal["promote", "reject", "inconclusive"]
 
 @dataclass(frozen=True)
 class GatePolicy:
+    """What the gate enforces. No defaults here: reports/policy.default.yaml holds them (reports.policy)."""
+
     margins: dict[str, float]  # family -> non-inferiority margin in metric units (absolute)
-    metric_margins: dict[str, float] = field(default_factory=dict)  # metric name -> margin override
-    recovery_min: dict[str, float] = field(default_factory=dict)  # family -> floor (e.g. 0.97); absent = off
-    min_items: int = 100
-    throughput_floor_vs_bf16: float | None = 1.0  # variant tok/s at its SLO point >= this x bf16's
-    require_slo: bool = True  # some concurrency level must meet the latency SLO
-    max_memory_bytes: int | None = None  # cap on the server's peak memory (GPU or host RSS as measured)
-    allow_emulated: bool = False  # an emulated score can at best be inconclusive unless this is true
-    alpha: float = 0.05  # 1 - confidence level of the CIs, for the whole family of competing variants
-    multiplicity: str = "bonferroni"  # how alpha is split over k competing variants: bonferroni | none
+    metric_margins: dict[str, float]  # metric name -> its own margin (e.g. bits_per_byte)
+    recovery_min: dict[str, float]  # family -> floor (e.g. 0.97); absent = off
+    min_items: int
+    throughput_floor_vs_bf16: float | None  # variant tok/s at its SLO point >= this x bf16's
+    require_slo: bool  # some concurrency level must meet the latency SLO
+    max_memory_bytes: int | None  # cap on the server's peak memory (GPU or host RSS as measured)
+    allow_emulated: bool  # an emulated score can at best be inconclusive unless this is true
+    alpha: float  # 1 - confidence level of the CIs, for the whole family of competing variants
+    multiplicity: str  # how alpha is split over k competing variants: bonferroni | none
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,41 +19,61 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# No defaults here or in reports.gate.GatePolicy: the shipped policy.default.yaml is the one home of every
+# default, and a user's policy file is merged over it key by key (so it may name only what it changes).
 class _Quality(_Strict):
     margins: dict[QuantFamily, float]
-    metric_margins: dict[str, float] = {}
-    recovery_min: dict[QuantFamily, float] = {}
-    min_items: int = Field(default=100, ge=1)
-    allow_emulated: bool = False
-    alpha: float = Field(default=0.05, gt=0, lt=0.5)
-    multiplicity: str = "bonferroni"
+    metric_margins: dict[str, float]
+    recovery_min: dict[QuantFamily, float]
+    min_items: int = Field(ge=1)
+    allow_emulated: bool
+    alpha: float = Field(gt=0, lt=0.5)
+    multiplicity: str
 
 
 class _Performance(_Strict):
-    throughput_floor_vs_bf16: float | None = Field(default=1.0, gt=0)
-    require_slo: bool = True
+    throughput_floor_vs_bf16: float | None = Field(gt=0)
+    require_slo: bool
 
 
 class _Memory(_Strict):
-    max_gib: float | None = Field(default=None, gt=0)
+    max_gib: float | None = Field(gt=0)
 
 
 class PolicyFile(_Strict):
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1]
     quality: _Quality
-    performance: _Performance = _Performance()
-    memory: _Memory = _Memory()
+    performance: _Performance
+    memory: _Memory
 
 
-def load_policy(path: Path | None = None) -> GatePolicy:
-    path = path or DEFAULT_POLICY
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"gate policy not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-        pf = PolicyFile.model_validate(data)
+        data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a policy must be a YAML mapping")
+    return data
+
+
+def load_policy(path: Path | None = None) -> GatePolicy:
+    """The shipped policy, with `path` (if given) merged over it key by key; strict schema, one-line errors."""
+    data = _read(DEFAULT_POLICY)
+    if path is not None:
+        data = _merge(data, _read(path))
+    path = path or DEFAULT_POLICY
+    try:
+        pf = PolicyFile.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(path, err)) from None
     if pf.quality.multiplicity not in MULTIPLICITY:

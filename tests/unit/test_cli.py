@@ -108,3 +108,44 @@ def test_out_of_disk_exit_code(capsys, tmp_path, monkeypatch):
     assert "out of disk" in err_of(capsys)
     assert not (tmp_path / "runs" / "m" / "bf16").exists()
     assert Path(tmp_path / "m" / "config.json").is_file()
+
+
+def test_a_failing_recipe_is_recorded_and_the_others_still_build(tmp_path, monkeypatch, capsys):
+    """llmcompressor breaking on one recipe: that recipe FAILED, the rest built, exit 9; target notes printed."""
+    import quantize.check as check
+    import quantize.run as run
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.setattr(check, "linear_input_widths", lambda p: {"layer": 128})
+    built = []
+    real_quantize = run.quantize
+
+    def quantize(recipe, **kwargs):
+        if recipe.name == "gptq-4":  # what llmcompressor/torch raising mid-recipe looks like
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        built.append(recipe.name)
+        if recipe.name == "bf16":
+            return real_quantize(recipe, **kwargs)  # the real copy of the reference
+        return _fake_manifest(recipe.name, kwargs["target_cc"]), False
+
+    monkeypatch.setattr(run, "quantize", quantize)
+    code = main(["quantize", "--model", str(model), "--recipes", "bf16,gptq-4,nvfp4", "--runs", str(tmp_path / "r"),
+                 "--target-gpu", "9.0"])
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert code == 9 and built == ["bf16", "nvfp4"]
+    assert "gptq-4: FAILED in llmcompressor: RuntimeError: CUDA error" in out
+    assert "nvfp4: note: weight-only NVFP4" in out  # the TARGET_GPU fallback note is printed
+    assert "failed recipes: gptq-4" in out
+
+
+def _fake_manifest(name: str, target_cc):  # noqa: ANN001, ANN202
+    from quantize.hardware import check_target
+    from quantize.recipe import load_recipe
+    from tests.unit.test_report import _manifest
+
+    note = check_target(load_recipe(name), target_cc)
+    m = _manifest(name, 1000)
+    return m.model_copy(update={"device": {"device": "cpu", **({"fallback": note} if note else {})}})

@@ -1,7 +1,9 @@
+from dataclasses import replace
 
-from reports.gate import GatePolicy, RecipeGate, decide_variant, margin_for, quality_check, recommend
+from reports.gate import RecipeGate, decide_variant, margin_for, quality_check, recommend
+from reports.policy import load_policy
 
-POLICY = GatePolicy(margins={"8bit": 0.02, "4bit": 0.05}, min_items=100, throughput_floor_vs_bf16=1.0)
+POLICY = replace(load_policy(), recovery_min={})  # the shipped defaults, without recovery floors
 
 
 def comp(delta, lo, hi, n=500, hib=True, recovery=1.0, metric="acc,none", **extra):
@@ -128,7 +130,7 @@ def test_a_task_at_chance_decides_nothing():
 
 
 def test_margins_never_leak_across_metrics():
-    policy = GatePolicy(margins={"8bit": 0.02, "4bit": 0.05}, metric_margins={"bits_per_byte": 0.03})
+    policy = replace(load_policy(), metric_margins={"bits_per_byte": 0.03})
     recipe = RecipeGate(quality_margin=0.10)
     assert margin_for(policy, "4bit", "acc_norm,none", recipe) == 0.10
     assert margin_for(policy, "4bit", "bits_per_byte,none", recipe) == 0.03  # the recipe's accuracy margin stays out

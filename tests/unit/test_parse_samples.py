@@ -46,3 +46,19 @@ def test_a_group_task_collects_every_subtask_with_unique_ids():
     ids = [s["doc_id"] for s in group_samples("mmlu_pro", by_task)]
     assert ids == ["mmlu_pro_law:0", "mmlu_pro_math:0", "mmlu_pro_math:1"]
     assert group_samples("mmlu_pro_law", by_task) == [{"doc_id": 0}]
+
+
+def test_multi_filter_task_scores_one_filter_and_keeps_its_samples_only():
+    """gsm8k-style: two filters, one sample per (doc, filter); the strict filter is the score, items unmixed."""
+    samples = []
+    for doc_id, (strict, flexible) in enumerate([(1.0, 1.0), (0.0, 1.0), (0.0, 0.0)]):
+        for filt, v in (("flexible-extract", flexible), ("strict-match", strict)):
+            samples.append({"doc_id": doc_id, "doc": {"question": "q"}, "target": "4", "filter": filt,
+                            "filtered_resps": ["4"], "arguments": [["q", {"until": ["\n"]}]], "exact_match": v})
+    out = {"results": {"g": {"exact_match,flexible-extract": 2 / 3, "exact_match,strict-match": 1 / 3,
+                             "exact_match_stderr,strict-match": 0.3, "alias": "g"}},
+           "higher_is_better": {"g": {"exact_match": True}}, "configs": {"g": {}}}
+    fields = parse_results("g", out, samples)
+    assert fields["metric"] == "exact_match,strict-match" and fields["value"] == 1 / 3
+    assert fields["items"] == {"0": [1.0, 1.0], "1": [0.0, 1.0], "2": [0.0, 1.0]} and fields["n_items"] == 3
+    assert fields["stderr"] == 0.3 and fields["binary"]
