@@ -7,7 +7,6 @@ the installed lm-eval package, the perplexity text from the installed Python sta
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -18,6 +17,7 @@ import yaml
 
 from qgcore import corpus
 from qgcore.errors import ConfigError, DatasetAccessError
+from qgcore.hashing import content_key, file_sha256
 
 BUILTIN_TASKS = ("qg_mmlu_dev", "qg_stdlib_cont", "qg_stdlib_ppl")
 # mmlu_pro (generative CoT, what published numbers use) runs wherever its dataset is reachable or cached;
@@ -138,11 +138,8 @@ def build_builtin_suite(cache_root: Path) -> BuiltSuite:
     """Write the offline tasks' JSONL + YAML under a content-addressed folder and return it."""
     data = {"qg_mmlu_dev": mmlu_dev_items(), "qg_stdlib_cont": stdlib_cont_items(), "qg_stdlib_ppl": stdlib_ppl_docs()}
     configs = {"qg_mmlu_dev": _MMLU_YAML, "qg_stdlib_cont": _CONT_YAML, "qg_stdlib_ppl": _PPL_YAML}
-    hashes = {}
-    for task in BUILTIN_TASKS:
-        blob = json.dumps([data[task], configs[task]], sort_keys=True).encode()
-        hashes[task] = hashlib.sha256(blob).hexdigest()[:16]
-    folder = cache_root / "tasks" / hashlib.sha256("".join(sorted(hashes.values())).encode()).hexdigest()[:12]
+    hashes = {task: content_key([data[task], configs[task]]) for task in BUILTIN_TASKS}
+    folder = cache_root / "tasks" / content_key(sorted(hashes.values()))
     if not (folder / "done").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         for task in BUILTIN_TASKS:
@@ -209,8 +206,6 @@ def user_task_hash(include_path: Path | None, task: str) -> str:
     """Hash of the user's task YAMLs (and data files beside them) so edits invalidate cached scores."""
     if include_path is None:
         return "builtin-lm-eval"
-    h = hashlib.sha256(task.encode())
-    for f in sorted(include_path.rglob("*")):
-        if f.is_file() and f.suffix in (".yaml", ".yml", ".json", ".jsonl", ".py", ".txt"):
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    files = {str(f.relative_to(include_path)): file_sha256(f) for f in sorted(include_path.rglob("*"))
+             if f.is_file() and f.suffix in (".yaml", ".yml", ".json", ".jsonl", ".py", ".txt")}
+    return content_key({"task": task, "files": files})

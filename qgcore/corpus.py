@@ -15,6 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from qgcore.hashing import bytes_key
+
 Split = Literal["calibration", "heldout"]
 CORPUS_ID = "python-stdlib-docstrings"
 
@@ -73,7 +75,4 @@ def sample(split: Split, n: int, seed: int, min_chars: int = 200) -> list[str]:
 
 
 def corpus_hash(split: Split, min_chars: int = 200) -> str:
-    h = hashlib.sha256()
-    for d in documents(split, min_chars):
-        h.update(d.encode())
-    return h.hexdigest()[:16]
+    return bytes_key("".join(documents(split, min_chars)).encode())

@@ -23,6 +23,11 @@ def content_key(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:KEY_LEN]
 
 
+def bytes_key(data: bytes) -> str:
+    """Short sha256 of raw bytes (a file's or a text's content) for provenance ids and cache keys."""
+    return hashlib.sha256(data).hexdigest()[:KEY_LEN]
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:

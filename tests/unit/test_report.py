@@ -155,3 +155,11 @@ def test_report_shows_where_the_time_went(run_dir: Path):
     assert [r["variant"] for r in data["timings"]["variants"]] == ["bf16", "fp8", "gptq-4"]
     html = render(data)
     assert 'id="stage-timings"' in html and "300.0 s" in html
+
+
+def test_target_gpu_fallback_note_is_shown(run_dir: Path):
+    m = CheckpointManifest.read(run_dir / "gptq-4" / "manifest.json")
+    note = "weight-only NVFP4 (W4A16 Marlin) below 10.0; no FP4 activation speed-up"
+    m.model_copy(update={"device": {"device": "cpu", "fallback": note}}).write(run_dir / "gptq-4" / "manifest.json")
+    html = render(build_report_data(run_dir, load_policy()))
+    assert f"target GPU: {note}" in html
