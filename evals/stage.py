@@ -66,7 +66,7 @@ class _Plan:
         self.manifest, self.engine = manifest, engine
         self.vdir = run_dir / manifest.recipe
         self.checkpoint = self.vdir / manifest.checkpoint_dir
-        self.cfg = ServeConfig.from_spec(manifest.serve)
+        self.cfg = ServeConfig.from_spec(manifest.serve, scoring=True)
         sub = "eval" if engine == "vllm" else "eval-emulated"
         self.result_dir, self.samples_dir = self.vdir / sub, self.vdir / sub / "samples"
 

@@ -16,6 +16,7 @@ from evals.quality import model_args_for_hf, model_args_for_server, run_task, ta
 from evals.serve import VllmServer
 from evals.tasks import build_builtin_suite
 from qgcore.paths import CACHE_DIR
+from qgcore.serving import ServeConfig
 from quantize.model import resolve_model
 
 TASKS = ("qg_mmlu_dev", "qg_stdlib_ppl")
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     tm = task_manager([build_builtin_suite(CACHE_DIR).include_dir])
     results: dict[str, dict] = {"vllm": {}, "hf": {}}
     t0 = time.perf_counter()
-    with VllmServer(Path(model.path), name="bf16", log_path=out_dir / "server.log") as srv:
+    # served as the eval stage serves (scoring config: every CPU core computes)
+    with VllmServer(Path(model.path), name="bf16", log_path=out_dir / "server.log",
+                    config=ServeConfig.from_spec({}, scoring=True)) as srv:
         startup = time.perf_counter() - t0
         t1 = time.perf_counter()
         for task in TASKS:

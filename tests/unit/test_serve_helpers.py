@@ -104,3 +104,11 @@ def test_memory_summary_never_reports_whole_device_memory():
     cpu = memory_summary(parse_startup((FIXTURES / "cpu_startup.log").read_text(), cpu_kv_cache_gib=2), {}, False,
                          Fake(), Fake())
     assert "server_gpu_bytes_peak" not in cpu and cpu["weights_bytes"] == cpu["checkpoint_bytes"]
+
+
+def test_scoring_servers_use_every_cpu_core_bench_servers_run_as_vllm_defaults():
+    scoring, bench = ServeConfig.from_spec({}, scoring=True), ServeConfig.from_spec({})
+    assert scoring.env(cuda=False)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in bench.env(cuda=False)
+    assert scoring.env(cuda=True) == bench.env(cuda=True) == {}
+    assert scoring.args(cuda=False) == bench.args(cuda=False)  # same served model, same flags
