@@ -69,8 +69,9 @@ def test_default_demo_quantize_eval_report_gate(default_runs: Path):
     assert mmlu["outcome"] == "inconclusive" and "not above chance 0.250" in mmlu["reason"]
 
 
-# Measured on SmolLM2-135M (this machine, `make test-slow`), bounds ~2x above: see README "Recipes".
-SMOLLM2_KL_BOUND = {"fp8": 0.03, "fp8-kv": 0.03, "gptq-4": 0.25, "awq-4": 0.3, "nvfp4": 0.5}
+# Measured on SmolLM2-135M (this machine, `make test-slow`, 8 held-out docs x 128 tokens): fp8 0.042, fp8-kv
+# 0.048, gptq-4 0.251, awq-4 0.308, nvfp4 0.464 nats/token. Bounds ~2x above; a damaged copy is far beyond.
+SMOLLM2_KL_BOUND = {"fp8": 0.09, "fp8-kv": 0.1, "gptq-4": 0.5, "awq-4": 0.6, "nvfp4": 0.9}
 
 
 @pytest.mark.slow
