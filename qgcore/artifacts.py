@@ -11,9 +11,6 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from qgcore.artifact import Artifact
-from qgcore.vocab import EMULATED, Family
-
-__all__ = ["EMULATED", "Family"]  # re-exported: artifacts carry these labels
 
 MANIFEST_SCHEMA_VERSION: Literal[2] = 2  # 2: per-file hashes
 EVAL_SCHEMA_VERSION: Literal[2] = 2  # 2: chance rate, scored-metric examples, Tango/BCa comparisons
