@@ -9,6 +9,8 @@ RECIPES ?=
 TARGET_GPU ?=
 TASKS ?=
 LIMIT ?=
+DIVERGENCE_DOCS ?=
+DIVERGENCE_DATA ?=
 INCLUDE ?=
 CONCURRENCY ?=
 BENCH_CONFIG ?=
@@ -27,8 +29,9 @@ RUN ?= $(RUNS)/$(SLUG)
 
 opt = $(if $(2),$(1) $(2))
 COMMON = $(call opt,--model,$(MODEL)) $(call opt,--recipes,$(RECIPES)) --runs $(RUNS)
+DIVERGENCE = $(call opt,--divergence-docs,$(DIVERGENCE_DOCS)) $(call opt,--divergence-data,$(DIVERGENCE_DATA))
 
-.PHONY: setup chromium quantize eval bench report gate all demo test test-slow lint bench-eval bench-gate bench-pipeline clean help
+.PHONY: setup chromium quantize eval bench report gate all demo test test-slow lint bench-eval bench-gate bench-pipeline bench-divergence clean help
 
 help:
 	@sed -n '2,6p' Makefile
@@ -67,7 +70,7 @@ quantize: $(VENVS)/quantize/.ok
 
 eval: setup
 	$(QG) eval $(COMMON) $(call opt,--tasks,$(TASKS)) $(call opt,--limit,$(LIMIT)) \
-	  $(call opt,--include-path,$(INCLUDE)) $(if $(filter 1,$(EMULATE)),--emulate-unsupported)
+	  $(call opt,--include-path,$(INCLUDE)) $(if $(filter 1,$(EMULATE)),--emulate-unsupported) $(DIVERGENCE)
 
 bench: setup
 	$(QG) bench $(COMMON) $(call opt,--concurrency,$(CONCURRENCY)) $(call opt,--config,$(BENCH_CONFIG))
@@ -85,7 +88,7 @@ gate: $(VENVS)/quantize/.ok
 ALL_ARGS = $(COMMON) $(call opt,--tasks,$(TASKS)) $(call opt,--include-path,$(INCLUDE)) \
   $(if $(filter 1,$(EMULATE)),--emulate-unsupported) $(call opt,--target-gpu,$(TARGET_GPU)) \
   $(call opt,--concurrency,$(CONCURRENCY)) $(call opt,--config,$(BENCH_CONFIG)) $(call opt,--policy,$(POLICY)) \
-  $(call opt,--require,$(REQUIRE))
+  $(call opt,--require,$(REQUIRE)) $(DIVERGENCE)
 all: setup
 	$(QG) all $(ALL_ARGS) $(call opt,--limit,$(LIMIT))
 
@@ -112,6 +115,10 @@ bench-eval: setup
 # `quantgate all` over the sum of its stages, and a rerun with nothing changed (default model, bf16 + fp8).
 bench-pipeline: setup
 	$(QPY) -m quantgate.bench_pipeline --runs $(RUNS)/bench-pipeline $(call opt,--model,$(MODEL))
+
+# The top-k KL estimate against exact full-vocabulary KL (transformers), on the run's checkpoints.
+bench-divergence: $(VENVS)/quantize/.ok
+	$(QPY) -m quantgate.bench_divergence --run $(RUN)
 
 # The gate's false-promote rate and power by simulation through its own code (no model, no server).
 bench-gate: $(VENVS)/quantize/.ok

@@ -126,7 +126,8 @@ class VllmServer:
         log.flush()
         started = time.monotonic()
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-                                     start_new_session=True)  # own process group: we can kill every worker
+                                     start_new_session=True,  # own process group: we can kill every worker
+                                     preexec_fn=_die_with_parent)
         log.close()
         deadline = started + self.startup_timeout
         while time.monotonic() < deadline:
@@ -212,6 +213,17 @@ def _root_cause(lines: list[str]) -> str:
             return err
     real = [e for e in errors if not _WRAPPERS.search(e)]
     return (real or errors or [""])[0]
+
+
+def _die_with_parent() -> None:
+    """In the server's process: SIGTERM when the process that started it dies, even by SIGKILL (a killed
+    Ray worker, an OOM kill), so no server outlives its owner. Linux only; a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from evals import divergence
 from evals.quality import check_tasks, model_args_for_hf, model_args_for_server, run_task, task_manager
 from evals.serve import ServerError, VllmServer, on_cuda
 from evals.tasks import (
@@ -28,7 +29,8 @@ from evals.tasks import (
 )
 from evals.variants import checkpoint_key, variant_manifests, vllm_version
 from qgcore import provenance
-from qgcore.artifacts import CheckpointManifest, EvalRun, TaskResult, quantization_summary
+from qgcore.artifacts import CheckpointManifest, DivergenceRun, EvalRun, TaskResult, quantization_summary
+from qgcore.divergence import TOPK_METHOD, TopK, summarize
 from qgcore.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
 from qgcore.hashing import content_key
 from qgcore.paths import CACHE_DIR, slug_for
@@ -119,36 +121,70 @@ def _score_tasks(plan: _Plan, tasks: list[str], keys: dict[str, str], hashes: di
     return out
 
 
+class _Divergence:
+    """This stage's divergence documents and where each variant's top-k log-probs are cached."""
+
+    def __init__(self, dset: divergence.DivergenceSet, max_model_len: int):
+        self.dset, self.max_model_len = dset, max_model_len
+
+    def key(self, plan: _Plan) -> str:
+        return content_key({"ckpt": checkpoint_key(plan.manifest), "docs": self.dset.key, "k": divergence.TOP_K,
+                            "engine": plan.engine, "flags": plan.flags(), "vllm": vllm_version()})
+
+    def path(self, plan: _Plan) -> Path:
+        return plan.result_dir / "divergence-topk.npz"
+
+    def cached(self, plan: _Plan) -> list[TopK] | None:
+        got = divergence.load(self.path(plan), self.key(plan))
+        return got[0] if got else None
+
+    def fetch(self, plan: _Plan, server: VllmServer | None) -> None:
+        started = time.perf_counter()
+        if server is not None:
+            docs = divergence.server_topk(server.url, plan.manifest.recipe, self.dset)
+        else:
+            docs = divergence.hf_topk(plan.checkpoint, self.dset, device="cuda" if on_cuda() else "cpu")
+        divergence.save(self.path(plan), self.key(plan), docs,
+                        {"engine": plan.engine, "seconds": round(time.perf_counter() - started, 2)})
+
+
 def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, skips: dict, tm,  # noqa: ANN001
-                  limit: int | None, force: bool, generative: dict[str, bool]) -> EvalRun:
+                  limit: int | None, force: bool, generative: dict[str, bool],
+                  div: _Divergence | None = None) -> EvalRun:
     started = time.perf_counter()
     keys = {t: pair_key(plan.manifest, t, hashes[t], limit, plan.engine, plan.flags()) for t in tasks}
     done = {} if force else {t: r for t in tasks if (r := plan.cached(t, keys[t])) is not None}
     pending = [t for t in tasks if t not in done]
+    need_div = div is not None and (force or div.cached(plan) is None)
     server_info: dict = {}
     tail: list[str] = []
     status, reason = "ok", None
-    mismatch = config_mismatch(plan.checkpoint, plan.manifest) if pending else None
+    mismatch = config_mismatch(plan.checkpoint, plan.manifest) if pending or need_div else None
     if mismatch:
-        status, reason, pending = "failed", mismatch, []
-    if pending and all(t in skips for t in pending):
-        done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, None, generative)
-    elif pending and plan.engine == "vllm":
+        status, reason, pending, need_div = "failed", mismatch, [], False
+    skipped = [t for t in pending if t in skips]
+    scored = [t for t in pending if t not in skips]
+    done |= _score_tasks(plan, skipped, keys, hashes, sources, skips, tm, limit, None, generative)
+    if (scored or need_div) and plan.engine == "vllm":
         server = VllmServer(plan.checkpoint, name=plan.manifest.recipe, log_path=plan.vdir / "logs" / "eval-server.log",
                             config=plan.cfg, scheme=plan.manifest.recipe_spec["quant"]["scheme"])
         try:
             with server:
                 server_info = server.provenance() | server.startup_info()
-                done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, server, generative)
+                done |= _score_tasks(plan, scored, keys, hashes, sources, skips, tm, limit, server, generative)
+                if need_div and div is not None:
+                    div.fetch(plan, server)
         except ServerError as err:
             status = "unsupported" if err.unsupported else "failed"
             reason = f"unsupported here: {err}" if err.unsupported else str(err)
             tail = err.log_tail
-        except RuntimeError as err:
-            status, reason, tail = "failed", str(err), server.log_tail()
-    elif pending:
+        except (RuntimeError, OSError) as err:
+            status, reason, tail = "failed", f"{type(err).__name__}: {err}", server.log_tail()
+    elif scored or need_div:
         try:
-            done |= _score_tasks(plan, pending, keys, hashes, sources, skips, tm, limit, None, generative)
+            done |= _score_tasks(plan, scored, keys, hashes, sources, skips, tm, limit, None, generative)
+            if need_div and div is not None:
+                div.fetch(plan, None)
         except RuntimeError as err:
             status, reason = "failed", str(err)
     if not server_info and plan.engine == "vllm":
@@ -162,6 +198,22 @@ def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, sk
                     "task_hashes": {t: hashes[t] for t in tasks}, "task_sources": sources},
         wall_seconds=round(time.perf_counter() - started, 1),
     )
+
+
+def divergence_run(plan: _Plan, ref: _Plan, div: _Divergence, run: EvalRun) -> DivergenceRun:
+    """The variant's top-k against bf16's through the same engine, summarised (or why there is none)."""
+    base = {"variant": plan.manifest.recipe, "engine": plan.engine, "reference_engine": ref.engine,
+            "key": content_key([div.key(plan), div.key(ref)]), "k": divergence.TOP_K, "method": TOPK_METHOD,
+            "source": div.dset.source, "n_docs": len(div.dset.docs), "max_model_len": div.max_model_len}
+    mine, theirs = div.cached(plan), div.cached(ref)
+    if mine is None or theirs is None:
+        who = "bf16" if theirs is None else plan.manifest.recipe
+        status = run.status if run.status in ("failed", "unsupported") else "failed"
+        return DivergenceRun(status=status, reason=f"no top-k log-probs for {who}: {run.reason or 'not scored'}",
+                             **base)
+    stats = summarize(theirs, mine, div.max_model_len)
+    return DivergenceRun(status="ok", overall=stats["overall"], by_depth=stats["by_depth"],
+                         doc_kl_mean=stats["doc_kl_mean"], **base)
 
 
 def _previous_server_info(plan: _Plan) -> dict:
@@ -178,9 +230,26 @@ def add_comparisons(run: EvalRun, baseline: EvalRun) -> EvalRun:
     return run.model_copy(update={"comparisons": compare_runs(run, baseline), "comparison_engine": baseline.engine})
 
 
+def _write_divergence(run_dir: Path, manifests: list[CheckpointManifest], name: str, run: EvalRun,
+                      div: _Divergence | None) -> None:
+    path = run_dir / name / "divergence.json"
+    if div is None:  # not asked for: an old file would describe other documents or another checkpoint
+        path.unlink(missing_ok=True)
+        return
+    engine = run.engine if run.engine == EMULATED else "vllm"
+    by_name = {m.recipe: m for m in manifests}
+    res = divergence_run(_Plan(by_name[name], run_dir, engine), _Plan(by_name["bf16"], run_dir, engine), div, run)
+    res.write(path)
+    o = res.overall
+    if res.status == "ok":
+        tqdm.write(f"quantgate: {name}: KL from bf16 mean {o['kl_mean']:.4f} p99 {o['kl_p99']:.4f}, "
+                   f"top-1 agreement {o['top1_agreement']:.3f} ({o['n_tokens']} tokens, {engine})")
+
+
 def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
                    include_path: Path | None, limit: int | None, emulate: bool, force: bool,
-                   verify: bool = False) -> int:
+                   verify: bool = False, divergence_docs: int = divergence.DEFAULT_DOCS,
+                   divergence_data: str | None = None) -> int:
     run_dir = runs_root / slug_for(model)
     manifests = variant_manifests(run_dir, recipes, verify=verify)
     tasks = tasks or list(DEFAULT_TASKS)
@@ -195,12 +264,18 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
     skips = {t: r for t in tasks if t not in BUILTIN_TASKS and (r := dataset_skip_reason(t, infos[t]))}
     for t, r in skips.items():
         tqdm.write(f"quantgate: skipping {t}: {r}")
+    div = None
+    if divergence_docs > 0:  # documents tokenized once, with bf16's tokenizer (every variant shares it)
+        ref = _Plan(manifests[0], run_dir, "vllm")
+        div = _Divergence(divergence.build_set(ref.checkpoint, n_docs=divergence_docs,
+                                               max_model_len=ref.cfg.max_model_len, data=divergence_data),
+                          ref.cfg.max_model_len)
     runs: dict[str, EvalRun] = {}
     bar = tqdm(manifests, desc="eval", unit="variant")
     for m in bar:
         bar.set_postfix_str(m.recipe)
         runs[m.recipe] = _eval_variant(_Plan(m, run_dir, "vllm"), tasks, hashes, suite.sources, skips, tm, limit,
-                                       force, generative)
+                                       force, generative, div)
         r = runs[m.recipe]
         summary = ", ".join(f"{t}={x.value:.4f}" for t, x in r.tasks.items() if x.value is not None)
         tqdm.write(f"quantgate: {m.recipe}: {r.status} in {r.wall_seconds:.0f}s {summary} {r.reason or ''}".rstrip())
@@ -211,7 +286,7 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
             bf16 = manifests[0]
             for m in [bf16, *needs]:
                 emulated[m.recipe] = _eval_variant(_Plan(m, run_dir, EMULATED), tasks, hashes, suite.sources, skips,
-                                                   tm, limit, force, generative)
+                                                   tm, limit, force, generative, div)
                 tqdm.write(f"quantgate: {m.recipe}: {EMULATED}: {emulated[m.recipe].status}")
     baseline = runs["bf16"]
     if "bf16" in emulated:  # published: the gate compares emulated scores with this run, not with vLLM's
@@ -224,6 +299,8 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
         elif baseline.status == "ok":
             run = add_comparisons(run, baseline)
         run.write(run_dir / name / "eval.json")
+        if name != "bf16":
+            _write_divergence(run_dir, manifests, name, run, div)
     bad = [n for n, r in runs.items() if r.status == "failed"]
     if bad:
         tqdm.write(f"quantgate: eval failed for: {', '.join(bad)} (finished results kept)")

@@ -1,4 +1,4 @@
-"""Every stage's versioned JSON artifact (manifest.json, eval.json, <task>.json, bench.json).
+"""Every stage's versioned JSON artifact (manifest.json, eval.json, <task>.json, divergence.json, bench.json).
 
 One home for the schemas: a stage writes its own and reads the others' only through these classes, so
 no stage imports another stage's code.
@@ -15,6 +15,7 @@ from qgcore.artifact import Artifact
 MANIFEST_SCHEMA_VERSION: Literal[2] = 2  # 2: per-file hashes
 EVAL_SCHEMA_VERSION: Literal[2] = 2  # 2: chance rate, scored-metric examples, Tango/BCa comparisons
 BENCH_SCHEMA_VERSION: Literal[1] = 1
+DIVERGENCE_SCHEMA_VERSION: Literal[1] = 1
 Status = Literal["ok", "skipped", "failed", "unsupported"]
 
 
@@ -133,3 +134,25 @@ class BenchRun(_Artifact):
     server_log_tail: list[str] = []
     hardware: dict[str, Any] = {}
     wall_seconds: float = 0.0
+
+
+class DivergenceRun(_Artifact):
+    """Token-level divergence of a variant from bf16 on the same documents (qgcore.divergence): diagnostic
+    unless the policy sets a cap. Written by the eval stage, next to eval.json."""
+
+    schema_version: Literal[1] = DIVERGENCE_SCHEMA_VERSION
+    kind: Literal["divergence"] = "divergence"
+    variant: str
+    status: Status
+    reason: str | None = None
+    engine: str  # how the variant's log-probs were produced: "vllm" or "emulated (transformers)"
+    reference_engine: str  # how bf16's were (the same engine: a comparison never mixes engines)
+    key: str
+    k: int  # top-k log-probs per position
+    method: str
+    source: str  # the documents' provenance id
+    n_docs: int = 0
+    max_model_len: int = 0
+    overall: dict[str, Any] = {}  # n_tokens, kl_mean/median/p90/p99, top1_agreement, p_ref_top_mean, kl_mean_ci
+    by_depth: list[dict[str, Any]] = []  # the same per position bucket (depth_from, depth_to]
+    doc_kl_mean: list[float] = []

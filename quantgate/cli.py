@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from qgcore.errors import EXIT_CODES, EXIT_CONFIG, EXIT_ERROR, QuantgateError
+from qgcore.errors import EXIT_CODES, EXIT_CONFIG, EXIT_ERROR, ConfigError, QuantgateError
 from qgcore.paths import DEFAULT_SLUG
 
 RUNS_DEFAULT = Path(os.environ.get("QUANTGATE_RUNS", "runs"))
@@ -30,6 +30,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", default=None,
                    help="comma-separated recipe names from recipes/ (default: all, bf16 first)")
     p.add_argument("--runs", type=Path, default=RUNS_DEFAULT, help="output root (default: runs/)")
+
+
+def _divergence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--divergence-docs", type=int, default=None, metavar="N",
+                   help="documents (each filling the served context) for KL / top-1 agreement vs bf16 by context "
+                        "depth; 0 turns it off (default: 24; --demo: 3)")
+    p.add_argument("--divergence-data", default=None, metavar="FILE|DATASET",
+                   help="text file or Hugging Face dataset id (its `text` column) for those documents "
+                        "(default: held-out Python stdlib docstrings, offline)")
+
+
+def _docs(value: int | None) -> dict[str, int]:
+    if value is not None and value < 0:
+        raise ConfigError(f"--divergence-docs {value}: give a count >= 0 (0 turns divergence off)")
+    return {} if value is None else {"divergence_docs": value}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--emulate-unsupported", action="store_true",
                    help="score schemes vLLM cannot run here with transformers, labelled 'emulated (transformers)'")
     e.add_argument("--force", action="store_true", help="ignore cached results")
+    _divergence_args(e)
     e.add_argument("--verify", action="store_true",
                    help="hash every checkpoint file (default: size + mtime, hashing only what changed)")
 
@@ -88,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--limit", type=int, default=None, help="max items per task")
     a.add_argument("--include-path", type=Path, default=None, help="folder of user lm-eval task YAMLs")
     a.add_argument("--emulate-unsupported", action="store_true", help="as for `eval`")
+    _divergence_args(a)
     a.add_argument("--target-gpu", default=None, help="as for `quantize`")
     a.add_argument("--concurrency", default=None, help="as for `bench`")
     a.add_argument("--config", type=Path, default=None, help="bench YAML, as for `bench`")
@@ -117,7 +134,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_eval_stage(model=args.model, recipes=_recipes(args.recipes), runs_root=args.runs,
                               tasks=_recipes(args.tasks), include_path=args.include_path, limit=args.limit,
-                              emulate=args.emulate_unsupported, force=args.force, verify=args.verify)
+                              emulate=args.emulate_unsupported, force=args.force, verify=args.verify,
+                              divergence_data=args.divergence_data, **_docs(args.divergence_docs))
     if args.command == "bench":
         from evals.bench_stage import run_bench_stage
 
@@ -139,7 +157,9 @@ def dispatch(args: argparse.Namespace) -> int:
                        tasks=_recipes(args.tasks), limit=args.limit, include_path=args.include_path,
                        emulate=args.emulate_unsupported,
                        target_gpu=args.target_gpu, concurrency=args.concurrency, bench_config=args.config,
-                       policy=args.policy, require=args.require, verify=args.verify, demo=args.demo)
+                       policy=args.policy, require=args.require, verify=args.verify, demo=args.demo,
+                       divergence_docs=_docs(args.divergence_docs).get("divergence_docs"),
+                       divergence_data=args.divergence_data)
         return demo_exit(code) if args.demo else code
     raise AssertionError(args.command)  # argparse restricts choices
 

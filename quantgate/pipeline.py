@@ -67,7 +67,8 @@ def run_stages(stages: dict[str, Stage], gate: Stage, timings_path: Path, report
 def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
             limit: int | None, include_path: Path | None, emulate: bool, target_gpu: str | None,
             concurrency: str | None, bench_config: Path | None, policy: Path | None, require: str | None,
-            verify: bool, demo: bool = False) -> int:
+            verify: bool, demo: bool = False, divergence_docs: int | None = None,
+            divergence_data: str | None = None) -> int:
     from evals.bench_stage import DEMO_CPU_CONFIG, run_bench_stage
     from evals.serve import on_cuda
     from evals.stage import run_eval_stage
@@ -75,9 +76,13 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
     from reports.stage import run_gate, run_report
 
     run_dir = runs_root / slug_for(model)
+    if demo and divergence_docs is None:
+        divergence_docs = DEMO_DIVERGENCE_DOCS
+    div = {} if divergence_docs is None else {"divergence_docs": divergence_docs}
     if demo:
         limit, tasks, bench_config = demo_settings(run_dir, limit=limit, tasks=tasks, bench_config=bench_config,
-                                                   cuda=on_cuda(), demo_cpu_bench=DEMO_CPU_CONFIG)
+                                                   cuda=on_cuda(), demo_cpu_bench=DEMO_CPU_CONFIG,
+                                                   divergence_docs=divergence_docs or 0)
     else:
         (run_dir / "demo.json").unlink(missing_ok=True)
     stages: dict[str, Stage] = {
@@ -85,7 +90,7 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
                                       calibration=DEMO_CALIBRATION if demo else None),
         "eval": lambda: run_eval_stage(model=model, recipes=recipes, runs_root=runs_root, tasks=tasks,
                                        include_path=include_path, limit=limit, emulate=emulate, force=False,
-                                       verify=verify),
+                                       verify=verify, divergence_data=divergence_data, **div),
         "bench": lambda: run_bench_stage(model=model, recipes=recipes, runs_root=runs_root, config_path=bench_config,
                                          concurrency=concurrency, force=False),
     }
@@ -99,15 +104,18 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
 # report, so a smaller demo never passes for a full run.
 DEMO_LIMIT = 100  # the gate's min_items: the smallest n at which a task can decide
 DEMO_TASKS = ["qg_stdlib_cont", "qg_stdlib_ppl", "mmlu_pro"]  # the tasks the default model can decide on
+DEMO_DIVERGENCE_DOCS = 3  # documents filling the context (the stage default is 24): 3 gives a CI over documents
 DEMO_CALIBRATION = (32, 256)  # (samples, tokens) for calibrated recipes; the recipes say 64 x 512
 DEMO_WHY = ("demo sizing for a first run on a small machine: {limit} items per task (the gate's minimum); tasks "
             "{tasks} (qg_mmlu_dev left out: SmolLM2-135M is at chance on it, so it decides nothing); calibration "
             "{calib} samples x {calib_len} tokens (the recipes say 64 x 512; AWQ/GPTQ/NVFP4/FP8-KV checkpoints "
-            "differ accordingly); bench {bench}. `make all` runs the recipes as written, every item, the full bench.")
+            "differ accordingly); divergence from bf16 on {docs} documents (24 by default); bench {bench}. `make all` "
+            "runs the recipes as written, every item, the full bench.")
 
 
 def demo_settings(run_dir: Path, *, limit: int | None, tasks: list[str] | None, bench_config: Path | None,
-                  cuda: bool, demo_cpu_bench: Path) -> tuple[int, list[str], Path | None]:  # and DEMO_CALIBRATION
+                  cuda: bool, demo_cpu_bench: Path,
+                  divergence_docs: int = DEMO_DIVERGENCE_DOCS) -> tuple[int, list[str], Path | None]:
     """Fill what the user left open with the demo's sizing and record it in `run_dir/demo.json`."""
     limit = limit if limit is not None else DEMO_LIMIT
     tasks = tasks or list(DEMO_TASKS)
@@ -118,7 +126,9 @@ def demo_settings(run_dir: Path, *, limit: int | None, tasks: list[str] | None, 
     n, length = DEMO_CALIBRATION
     (run_dir / "demo.json").write_text(json.dumps({
         "limit": limit, "tasks": tasks, "bench_config": bench, "calibration": {"num_samples": n, "seq_len": length},
-        "note": DEMO_WHY.format(limit=limit, tasks=", ".join(tasks), bench=bench, calib=n, calib_len=length)},
+        "divergence_docs": divergence_docs,
+        "note": DEMO_WHY.format(limit=limit, tasks=", ".join(tasks), bench=bench, calib=n, calib_len=length,
+                                docs=divergence_docs)},
         indent=1) + "\n")
     return limit, tasks, bench_config
 

@@ -1,7 +1,7 @@
 """Assemble report data and the verdict from a run folder's JSON artifacts (no models, no servers).
 
 Reads `<run>/<variant>/manifest.json`, `eval.json` (and `bf16/eval-emulated.json` when a variant was
-scored by emulation), `bench.json`. Before anything is read as evidence, every checkpoint's files are
+scored by emulation), `divergence.json`, `bench.json`. Before anything is read as evidence, every checkpoint's files are
 verified against its manifest. The verdict recomputes each paired comparison at the family-wise level
 from the published per-item results. Rendering lives in reports/render.py; deciding in reports/gate.py.
 """
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qgcore.artifacts import BenchRun, CheckpointManifest, EvalRun
+from qgcore.artifacts import BenchRun, CheckpointManifest, DivergenceRun, EvalRun
 from qgcore.errors import ArtifactError
 from qgcore.integrity import verify_files
 from qgcore.serving import ServeConfig
@@ -50,6 +50,7 @@ def load_run(run_dir: Path, *, verify: bool = False) -> dict[str, dict[str, Any]
             "manifest": manifest.model_dump(mode="json"),
             "eval": _read_optional(EvalRun, vdir / "eval.json"),
             "bench": _read_optional(BenchRun, vdir / "bench.json"),
+            "divergence": _read_optional(DivergenceRun, vdir / "divergence.json"),
         }
     emulated_base = run_dir / "bf16" / "eval-emulated.json"
     out["bf16"]["eval_emulated"] = _read_optional(EvalRun, emulated_base)
@@ -88,7 +89,7 @@ def build_verdict(run_dir: Path, policy: GatePolicy, run: dict[str, dict[str, An
         spec = m["recipe_spec"]
         recipe_gate = RecipeGate(**{k: spec.get("gate", {}).get(k) for k in ("quality_margin", "recovery_min")})
         decisions.append(decide_variant(name, spec["family"], gate_evidence(run, name, level), art["bench"],
-                                        base_bench, policy, recipe_gate, m["bytes_on_disk"]))
+                                        base_bench, policy, recipe_gate, m["bytes_on_disk"], art["divergence"]))
     best = recommend(decisions)
     return {
         "schema_version": VERDICT_SCHEMA_VERSION,
@@ -146,7 +147,7 @@ def build_report_data(run_dir: Path, policy: GatePolicy, *, verify: bool = False
             "quantize_seconds": m["wall_seconds"], "quantize_peak": m["peak_memory"],
             "eval_status": ev.get("status"), "eval_reason": ev.get("reason"), "engine": ev.get("engine"),
             "tasks": ev.get("tasks", {}), "comparisons": ev.get("comparisons", {}), "flips": flips,
-            "bench": bench, "decision": verdict["variants"].get(name),
+            "bench": bench, "decision": verdict["variants"].get(name), "divergence": art["divergence"],
             "server": ev.get("server", {}), "eval_provenance": ev.get("provenance", {}),
             "manifest_versions": m["versions"], "device": m["device"], "calibration_data": m["calibration_data"],
             "recipe_hash": m["recipe_hash"], "content_key": m["content_key"],

@@ -36,6 +36,8 @@ class GatePolicy:
     allow_emulated: bool  # an emulated score can at best be inconclusive unless this is true
     alpha: float  # 1 - confidence level of the CIs, for the whole family of competing variants
     multiplicity: str  # how alpha is split over k competing variants: bonferroni | none
+    kl_p99_max: dict[str, float] = field(default_factory=dict)  # family -> cap on p99 token KL; absent = none
+    top1_min: dict[str, float] = field(default_factory=dict)  # family -> floor on top-1 agreement with bf16
 
 
 @dataclass(frozen=True)
@@ -228,11 +230,43 @@ def _perf(bench: dict[str, Any] | None, base_bench: dict[str, Any] | None, polic
     return checks
 
 
+def divergence_checks(div: dict[str, Any] | None, family: str, policy: GatePolicy) -> list[Check]:
+    """Caps on divergence from bf16 where the policy sets them; otherwise a note with the numbers (deciding
+    nothing: KL says how different, not how much worse)."""
+    cap, floor = policy.kl_p99_max.get(family), policy.top1_min.get(family)
+    if div is None or div.get("status") != "ok":
+        why = "no divergence.json (eval ran with --divergence-docs 0)" if div is None else \
+            f"divergence {div.get('status')}: {div.get('reason')}"
+        if cap is None and floor is None:
+            return [Check("divergence", "skipped", f"{why}; diagnostic only (no cap in the policy)")]
+        return [Check("divergence", "inconclusive", f"{why}; the policy caps divergence for {family}: rerun eval "
+                      "with --divergence-docs N")]
+    o = div.get("overall", {})
+    kl99, top1 = float(o["kl_p99"]), float(o["top1_agreement"])
+    nums = {"kl_mean": o.get("kl_mean"), "kl_p99": kl99, "top1_agreement": top1, "n_tokens": o.get("n_tokens"),
+            "engine": div.get("engine"), "kl_p99_max": cap, "top1_min": floor}
+    txt = (f"KL from bf16 mean {o.get('kl_mean', float('nan')):.4f}, p99 {kl99:.4f} nats; top-1 agreement "
+           f"{top1:.3f} over {o.get('n_tokens')} tokens ({div.get('engine')})")
+    if cap is None and floor is None:
+        return [Check("divergence", "skipped", f"{txt}; diagnostic only (no cap in the policy)", nums)]
+    checks = []
+    if cap is not None:
+        bad = _exact(kl99) > _exact(cap)
+        checks.append(Check("divergence:kl_p99", "fail" if bad else "pass",
+                            f"{txt}; p99 {'above' if bad else 'within'} the cap {cap} for {family}", nums))
+    if floor is not None:
+        bad = _exact(top1) < _exact(floor)
+        checks.append(Check("divergence:top1", "fail" if bad else "pass",
+                            f"{txt}; top-1 agreement {'below' if bad else 'at or above'} {floor} for {family}", nums))
+    return checks
+
+
 def decide_variant(name: str, family: str, ev: dict[str, Any] | None, bench: dict[str, Any] | None,
                    base_bench: dict[str, Any] | None, policy: GatePolicy, recipe: RecipeGate | None = None,
-                   bytes_on_disk: int | None = None) -> Decision:
+                   bytes_on_disk: int | None = None, div: dict[str, Any] | None = None) -> Decision:
     """One variant's verdict and every check behind it. `ev["comparisons"]` must be at the family-wise level."""
     checks = _quality(name, family, ev or {}, policy, recipe or RecipeGate()) + _perf(bench, base_bench, policy)
+    checks += divergence_checks(div, family, policy)
     outcomes = {c.outcome for c in checks}
     verdict: Verdict = "reject" if "fail" in outcomes else "inconclusive" if "inconclusive" in outcomes else "promote"
     point = (bench or {}).get("slo_point") or {}

@@ -40,11 +40,17 @@ class _Memory(_Strict):
     max_gib: float | None = Field(gt=0)
 
 
+class _Divergence(_Strict):
+    kl_p99_max: dict[QuantFamily, float | None]
+    top1_min: dict[QuantFamily, float | None]
+
+
 class PolicyFile(_Strict):
     schema_version: Literal[1]
     quality: _Quality
     performance: _Performance
     memory: _Memory
+    divergence: _Divergence
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -81,10 +87,15 @@ def load_policy(path: Path | None = None) -> GatePolicy:
                                                                             "correction"))
     if any(m < 0 for m in [*pf.quality.margins.values(), *pf.quality.metric_margins.values()]):
         raise ConfigError(f"{path}: margins must be >= 0")
+    caps = {str(k): v for k, v in pf.divergence.kl_p99_max.items() if v is not None}
+    floors = {str(k): v for k, v in pf.divergence.top1_min.items() if v is not None}
+    if any(v <= 0 for v in caps.values()) or any(not 0 < v <= 1 for v in floors.values()):
+        raise ConfigError(f"{path}: divergence.kl_p99_max must be > 0 and divergence.top1_min in (0, 1]")
     return GatePolicy(
         margins={str(k): v for k, v in pf.quality.margins.items()}, metric_margins=dict(pf.quality.metric_margins),
         recovery_min={str(k): v for k, v in pf.quality.recovery_min.items()}, min_items=pf.quality.min_items,
         throughput_floor_vs_bf16=pf.performance.throughput_floor_vs_bf16, require_slo=pf.performance.require_slo,
         max_memory_bytes=int(pf.memory.max_gib * 2**30) if pf.memory.max_gib else None,
         allow_emulated=pf.quality.allow_emulated, alpha=pf.quality.alpha, multiplicity=pf.quality.multiplicity,
+        kl_p99_max=caps, top1_min=floors,
     )

@@ -13,6 +13,8 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
+from reports import charts
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 _COLORS = {"promote": "#1a7f37", "reject": "#cf222e", "inconclusive": "#9a6700", None: "#57606a"}
 
@@ -92,7 +94,7 @@ def bars_svg(rows: list[tuple[str, float | None, str]], unit_fmt=_fmt_bytes, wid
     return "".join(parts)
 
 
-def _charts(data: dict[str, Any]) -> dict[str, Markup]:
+def _charts(data: dict[str, Any]) -> dict[str, Any]:
     task = _primary_task(data)
     points = []
     for v in data["variants"]:
@@ -102,18 +104,105 @@ def _charts(data: dict[str, Any]) -> dict[str, Markup]:
         x = point.get("output_tokens_per_s") or (levels[-1].get("output_throughput") if levels else None)
         points.append({"name": v["name"], "x": x, "y": t.get("value"),
                        "verdict": (v["decision"] or {}).get("verdict")})
-    mem_rows, disk_rows = [], []
+    mem_rows, disk_rows, split_rows = [], [], []
     for v in data["variants"]:
         mem = (v["bench"] or {}).get("memory") or {}
         peak = mem.get("server_gpu_bytes_peak") or mem.get("server_rss_bytes_peak")
         mem_rows.append((v["name"], peak, "(GPU, server tree)" if mem.get("server_gpu_bytes_peak") else "(host RSS)"))
         disk_rows.append((v["name"], v["bytes_on_disk"], ""))
+        seqs = mem.get("max_concurrent_sequences_at_context_len")
+        split_rows.append({"name": v["name"], "weights": mem.get("weights_bytes"), "kv": mem.get("kv_cache_bytes"),
+                           "note": f"· {seqs:.1f} seqs @ {mem.get('context_len')}" if seqs else ""})
     y_label = task + (" (lower is better)" if not _hib(data, task) else "")
     return {
         "scatter": Markup(scatter_svg(points, "output tokens/s at SLO point (or highest level)", y_label)),
         "memory": Markup(bars_svg(mem_rows)),
         "disk": Markup(bars_svg(disk_rows)),
+        "memory_split": Markup(charts.stacked_bars_svg(split_rows, [("weights", "weights", "#0969da"),
+                                                                    ("kv", "KV cache", "#54aeff")], _fmt_bytes,
+                                                         "bytes, from vLLM's start-up accounting")),
+        "forest": {t: Markup(svg) for t, svg in _forests(data).items()},
+        **{k: Markup(svg) for k, svg in _latency(data).items()},
+        **{k: Markup(svg) for k, svg in _depth(data).items()},
     }
+
+
+def _forests(data: dict[str, Any]) -> dict[str, str]:
+    """Per task, the verdict's own (family-wise) intervals against the margin, coloured by outcome."""
+    out: dict[str, str] = {}
+    tasks = {c["name"].split(":", 1)[1] for d in data["verdict"]["variants"].values() for c in d["checks"]
+             if c["name"].startswith("quality:") and "ci_low" in c.get("numbers", {})}
+    for task in sorted(tasks):
+        rows, margin, hib = [], None, True
+        for name, dec in data["verdict"]["variants"].items():
+            c = next((c for c in dec["checks"] if c["name"] == f"quality:{task}"), None)
+            if c is None or "ci_low" not in c["numbers"]:
+                continue
+            n = c["numbers"]
+            rows.append({"name": name, "delta": n["delta"], "ci_low": n["ci_low"], "ci_high": n["ci_high"],
+                         "outcome": c["outcome"]})
+            margin, hib = n.get("margin"), bool(n.get("higher_is_better", True))
+        out[task] = charts.forest_svg(rows, margin=margin, higher_is_better=hib, metric=task)
+    return out
+
+
+def _latency(data: dict[str, Any]) -> dict[str, str]:
+    """Output tok/s against ITL p95 and TTFT p95 across concurrency, one curve per variant, SLO marked."""
+    itl, ttft, slo = [], [], {}
+    for v in data["variants"]:
+        b = v["bench"] or {}
+        levels = b.get("levels") or []
+        slo = b.get("slo") or slo
+        point = b.get("slo_point") or {}
+        at = next((lv for lv in levels if lv.get("concurrency") == point.get("concurrency")), None)
+        itl.append({"name": v["name"], "points": [(lv.get("output_throughput"), lv.get("p95_itl_ms")) for lv in levels],
+                    "mark": (at["output_throughput"], at["p95_itl_ms"]) if at else None})
+        ttft.append({"name": v["name"], "points": [(lv.get("output_throughput"), lv.get("p95_ttft_ms"))
+                                                   for lv in levels],
+                     "mark": (at["output_throughput"], at["p95_ttft_ms"]) if at else None})
+    ttft_slo = slo.get("ttft_p95_s")
+    return {
+        "itl_curve": charts.curves_svg(itl, x_label="output tokens/s (each point a concurrency level)",
+                                       y_label="ITL p95 ms", hline=slo.get("itl_p95_ms"), hline_label="SLO ITL p95"),
+        "ttft_curve": charts.curves_svg(ttft, x_label="output tokens/s (each point a concurrency level)",
+                                        y_label="TTFT p95 ms", hline=ttft_slo * 1000 if ttft_slo else None,
+                                        hline_label="SLO TTFT p95"),
+    }
+
+
+def _depth(data: dict[str, Any]) -> dict[str, str]:
+    """Mean KL and top-1 agreement by context depth, one line per variant."""
+    divs = [(v["name"], v["divergence"]) for v in data["variants"]
+            if v.get("divergence") and v["divergence"].get("status") == "ok"]
+    edges = sorted({(b["depth_from"], b["depth_to"]) for _, d in divs for b in d["by_depth"]})
+    cats = [f"{_tokens(a)}–{_tokens(b)}" for a, b in edges]
+    kl, top1 = [], []
+    for name, d in divs:
+        by = {(b["depth_from"], b["depth_to"]): b for b in d["by_depth"]}
+        kl.append({"name": name, "points": [(i, by[e]["kl_mean"]) for i, e in enumerate(edges) if e in by]})
+        top1.append({"name": name, "points": [(i, by[e]["top1_agreement"]) for i, e in enumerate(edges) if e in by]})
+    return {
+        "kl_depth": charts.curves_svg(kl, x_label="context depth (tokens before the predicted one)",
+                                      y_label="mean KL from bf16, nats", log_y=True, categories=cats),
+        "top1_depth": charts.curves_svg(top1, x_label="context depth (tokens before the predicted one)",
+                                        y_label="top-1 agreement with bf16", categories=cats),
+    }
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+
+def evidence_anchor(check: str, variant: str) -> str:
+    """Where a verdict row's evidence is in the page: the task's table, the variant's bench, memory, divergence."""
+    if check.startswith("quality:") and check.split(":", 1)[1] not in ("serve", "eval", "engine", "tasks"):
+        return "#task-" + check.split(":", 1)[1]
+    if check.startswith("quality:"):
+        return "#quality"
+    if check.startswith("performance:"):
+        return f"#bench-{variant}"
+    return "#memory" if check.startswith("memory:") else "#divergence"
 
 
 def _primary_task(data: dict[str, Any]) -> str:
@@ -136,6 +225,7 @@ def render(data: dict[str, Any]) -> str:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
     env.filters["bytes"] = _fmt_bytes
     env.filters["num"] = _num
+    env.globals["anchor"] = evidence_anchor
     css = (TEMPLATES / "report.css").read_text()
     return env.get_template("report.html.j2").render(d=data, css=Markup(css), charts=_charts(data),
                                                      colors=_COLORS)

@@ -49,15 +49,18 @@ def test_default_demo_quantize_eval_report_gate(default_runs: Path):
     assert man["bytes_on_disk"] < json.loads((run / "bf16" / "manifest.json").read_text())["bytes_on_disk"]
     # the offline accuracy task the default model is clearly above chance on (the cloze MMLU is not)
     assert main(["eval", "--recipes", "bf16", "--runs", str(default_runs), "--tasks", "qg_stdlib_cont",
-                 "--limit", "60"]) == 0
+                 "--limit", "60", "--divergence-docs", "0"]) == 0
     cont = json.loads((run / "bf16" / "eval.json").read_text())["tasks"]["qg_stdlib_cont"]
     assert cont["chance"] == 0.25 and cont["n_items"] == 60 and cont["value"] > 0.45, cont["value"]
     rc = main(["eval", "--recipes", "bf16,fp8", "--runs", str(default_runs), "--tasks", "qg_mmlu_dev,mmlu_pro",
-               "--limit", "12"])
+               "--limit", "12", "--divergence-docs", "2"])
     assert rc == 0
     ev = json.loads((run / "fp8" / "eval.json").read_text())
     assert ev["tasks"]["qg_mmlu_dev"]["n_items"] == 12 and ev["engine"] == "vllm"
     assert ev["tasks"]["mmlu_pro"]["status"] == "skipped" and "unreachable" in ev["tasks"]["mmlu_pro"]["reason"]
+    div = json.loads((run / "fp8" / "divergence.json").read_text())  # SmolLM2 fp8 vs bf16, both served by vLLM
+    assert div["status"] == "ok" and div["engine"] == "vllm" and div["overall"]["n_tokens"] == 2 * 2046
+    assert 0 < div["overall"]["kl_mean"] < 0.09 and div["overall"]["top1_agreement"] > 0.8
     assert main(["report", str(run)]) == 0
     html = (run / "report.html").read_text()
     assert "qg_mmlu_dev" in html and "mmlu_pro" in html

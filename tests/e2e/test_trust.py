@@ -21,7 +21,7 @@ import pytest
 from evals import stage as eval_stage
 from evals.bench_stage import bench_variant
 from evals.perf import BenchConfig
-from qgcore.artifacts import CheckpointManifest, EvalRun
+from qgcore.artifacts import CheckpointManifest, DivergenceRun, EvalRun
 from qgcore.integrity import record_files
 from qgcore.vocab import EMULATED
 from quantgate.cli import main
@@ -53,7 +53,7 @@ def _env(**extra: str) -> dict[str, str]:
 def test_mmlu_pro_is_scored_offline_from_a_populated_cache(base_run, tmp_path: Path):
     hf_home = build_mmlu_pro_cache(tmp_path / "hf")
     cmd = ["make", "-s", "eval", f"MODEL={base_run['model']}", f"RUNS={base_run['runs']}", "RECIPES=bf16",
-           "TASKS=leaderboard_mmlu_pro", "LIMIT=30", "EMULATE=0"]
+           "TASKS=leaderboard_mmlu_pro", "LIMIT=30", "EMULATE=0", "DIVERGENCE_DOCS=0"]
     out = subprocess.run(cmd, cwd=ROOT, env=_env(HF_HOME=str(hf_home)), capture_output=True, text=True, timeout=900,
                          check=False)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -143,7 +143,8 @@ def test_damaged_checkpoints_fail_and_are_rejected_and_edits_after_eval_stop_the
     for name, damage in DAMAGE.items():
         _variant(run_dir, name, damage)
     rc = eval_stage.run_eval_stage(model=str(base_run["model"]), recipes=None, runs_root=runs,
-                                   tasks=["qg_stdlib_ppl"], include_path=None, limit=8, emulate=True, force=False)
+                                   tasks=["qg_stdlib_ppl"], include_path=None, limit=8, emulate=True, force=False,
+                                   divergence_docs=1)
     assert rc == 9  # some variants failed; bf16 finished
     for name in DAMAGE:
         ev = EvalRun.read(run_dir / name / "eval.json")
@@ -156,6 +157,10 @@ def test_damaged_checkpoints_fail_and_are_rejected_and_edits_after_eval_stop_the
     assert nv.engine == EMULATED and nv.status == "ok" and "Failed to find a kernel" in nv.reason
     assert nv.comparison_engine == EMULATED and "qg_stdlib_ppl" in nv.comparisons
     assert EvalRun.read(run_dir / "bf16" / "eval-emulated.json").engine == EMULATED
+    nv_div = DivergenceRun.read(run_dir / "nvfp4" / "divergence.json")  # vs bf16 through transformers too
+    assert nv_div.status == "ok" and nv_div.engine == nv_div.reference_engine == EMULATED
+    assert nv_div.overall["kl_mean"] > 0 and nv_div.overall["n_tokens"] == 2046
+    assert DivergenceRun.read(run_dir / "truncated" / "divergence.json").status == "failed"
     bench = bench_variant(CheckpointManifest.read(run_dir / "nvfp4" / "manifest.json"), run_dir,
                           BenchConfig(concurrency=[1]), force=True)
     assert bench.status == "unsupported" and bench.reason.startswith("not benched")  # no second doomed start

@@ -19,7 +19,7 @@ import pytest
 
 from evals import stage as eval_stage
 from evals.serve import VllmServer
-from qgcore.artifacts import CheckpointManifest, EvalRun
+from qgcore.artifacts import CheckpointManifest, DivergenceRun, EvalRun
 from qgcore.integrity import record_files
 from quantize.model import linear_input_widths, resolve_model
 from quantize.recipe import load_recipe
@@ -29,6 +29,7 @@ from reports.stage import run_gate
 pytestmark = pytest.mark.vllm
 TASKS = ["qg_mmlu_dev", "qg_stdlib_ppl"]
 LIMIT = 16
+DOCS = 2  # divergence documents, each filling the 2048-token context
 
 
 def _servers_left(root: Path) -> list[psutil.Process]:
@@ -78,7 +79,7 @@ def pipeline(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     _make_damaged(run_dir)
     started = time.monotonic()
     rc = eval_stage.run_eval_stage(model=str(tiny_model), recipes=None, runs_root=runs, tasks=TASKS,
-                                   include_path=None, limit=LIMIT, emulate=False, force=False)
+                                   include_path=None, limit=LIMIT, emulate=False, force=False, divergence_docs=DOCS)
     return {"runs": runs, "run_dir": run_dir, "rc": rc, "seconds": time.monotonic() - started, "model": tiny_model}
 
 
@@ -102,6 +103,24 @@ def test_every_variant_scored_through_vllm(pipeline):
                 c = ev.comparisons[task]
                 assert c["n_items"] == LIMIT and c["ci_low"] <= c["delta"] <= c["ci_high"]
     assert not _servers_left(pipeline["runs"])
+
+
+def test_divergence_from_bf16_served_by_vllm(pipeline):
+    """Top-k prompt log-probs from each variant's own server, against bf16's, by context depth."""
+    run_dir = pipeline["run_dir"]
+    assert not (run_dir / "bf16" / "divergence.json").exists()  # the reference has none
+    runs = {n: DivergenceRun.read(run_dir / n / "divergence.json") for n in ("gptq-4", "damaged")}
+    for name, d in runs.items():
+        assert d.status == "ok" and d.engine == d.reference_engine == "vllm", (name, d.reason)
+        assert d.n_docs == DOCS and d.k == 20 and d.overall["n_tokens"] == DOCS * 2046
+        assert [(b["depth_from"], b["depth_to"]) for b in d.by_depth] == [(0, 512), (512, 2048)]
+        assert sum(b["n_tokens"] for b in d.by_depth) == d.overall["n_tokens"]
+        o = d.overall
+        assert 0 <= o["kl_median"] <= o["kl_p90"] <= o["kl_p99"] and 0 <= o["top1_agreement"] <= 1
+    # 4-bit GPTQ of a random-weight model moves its predictions; noise on every weight moves them far more
+    assert 0 < runs["gptq-4"].overall["kl_mean"] < runs["damaged"].overall["kl_mean"]
+    assert runs["damaged"].overall["top1_agreement"] < runs["gptq-4"].overall["top1_agreement"]
+    assert (run_dir / "gptq-4" / "eval" / "divergence-topk.npz").is_file()
 
 
 def test_damaged_checkpoint_is_rejected(pipeline):
@@ -139,7 +158,8 @@ def test_rerun_reuses_every_finished_pair(pipeline, monkeypatch):
 
     monkeypatch.setattr(VllmServer, "start", no_server)
     rc = eval_stage.run_eval_stage(model=str(pipeline["model"]), recipes=None, runs_root=pipeline["runs"],
-                                   tasks=TASKS, include_path=None, limit=LIMIT, emulate=False, force=False)
+                                   tasks=TASKS, include_path=None, limit=LIMIT, emulate=False, force=False,
+                                   divergence_docs=DOCS)
     assert rc == 0
 
 
@@ -163,7 +183,8 @@ def test_server_killed_mid_eval_marks_variant_failed_and_others_continue(pipelin
 
     monkeypatch.setattr(VllmServer, "start", start_then_kill)
     rc = eval_stage.run_eval_stage(model=str(pipeline["model"]), recipes=None, runs_root=pipeline["runs"],
-                                   tasks=TASKS, include_path=None, limit=LIMIT, emulate=False, force=False)
+                                   tasks=TASKS, include_path=None, limit=LIMIT, emulate=False, force=False,
+                                   divergence_docs=DOCS)
     assert rc == 9
     killed = EvalRun.read(run_dir / "gptq-4" / "eval.json")
     assert killed.status == "failed" and killed.server_log_tail

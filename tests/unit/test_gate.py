@@ -144,3 +144,34 @@ def test_recipe_recovery_floor_is_used():
                             RecipeGate(recovery_min=0.97))
     assert loose.verdict == "promote"
     assert strict.verdict == "reject" and any("floor 97%" in c.reason for c in strict.checks)
+
+
+def _div(kl99, top1, status="ok"):
+    return {"status": status, "engine": "vllm", "reason": None if status == "ok" else "server died",
+            "overall": {"kl_mean": kl99 / 5, "kl_p99": kl99, "top1_agreement": top1, "n_tokens": 8184}}
+
+
+def test_divergence_is_a_note_unless_the_policy_caps_it():
+    good = _ev({"mmlu": comp(-0.002, -0.01, 0.006)})
+    d = decide_variant("fp8", "8bit", good, _bench(120, 0.5), _bench(100, 0.7), POLICY, div=_div(3.0, 0.5))
+    note = next(c for c in d.checks if c.name == "divergence")
+    assert d.verdict == "promote" and note.outcome == "skipped" and "diagnostic only" in note.reason
+    assert note.numbers["kl_p99"] == 3.0
+
+
+def test_divergence_caps_reject_grossly_broken_variants_with_numbers():
+    capped = replace(POLICY, kl_p99_max={"8bit": 0.5}, top1_min={"8bit": 0.9})
+    good = _ev({"mmlu": comp(-0.002, -0.01, 0.006)})
+    d = decide_variant("fp8", "8bit", good, _bench(120, 0.5), _bench(100, 0.7), capped, div=_div(3.0, 0.95))
+    kl = next(c for c in d.checks if c.name == "divergence:kl_p99")
+    assert d.verdict == "reject" and kl.outcome == "fail" and "3.0000" in kl.reason and "cap 0.5" in kl.reason
+    assert next(c for c in d.checks if c.name == "divergence:top1").outcome == "pass"
+    d = decide_variant("fp8", "8bit", good, _bench(120, 0.5), _bench(100, 0.7), capped, div=_div(0.5, 0.9))
+    assert d.verdict == "promote"  # on the cap and on the floor: within (compared exactly)
+    d = decide_variant("fp8", "8bit", good, _bench(120, 0.5), _bench(100, 0.7), capped, div=_div(0.1, 0.89))
+    assert d.verdict == "reject" and "below 0.9" in next(c.reason for c in d.checks if c.name == "divergence:top1")
+    # a cap the evidence cannot answer is inconclusive, never a pass; a family without a cap is not held to it
+    d = decide_variant("fp8", "8bit", good, _bench(120, 0.5), _bench(100, 0.7), capped, div=None)
+    assert d.verdict == "inconclusive" and "--divergence-docs" in d.checks[-1].reason
+    d = decide_variant("gptq", "4bit", good, _bench(120, 0.5), _bench(100, 0.7), capped, div=_div(9.0, 0.1))
+    assert d.verdict == "promote"

@@ -38,3 +38,17 @@ def test_the_shipped_policy_names_every_key():
     assert set(data["quality"]) == {"margins", "metric_margins", "recovery_min", "min_items", "allow_emulated",
                                     "alpha", "multiplicity"}
     assert set(data["performance"]) == {"throughput_floor_vs_bf16", "require_slo"} and "max_gib" in data["memory"]
+
+
+def test_divergence_caps_are_off_by_default_and_set_per_family(tmp_path: Path):
+    assert load_policy().kl_p99_max == {} and load_policy().top1_min == {}
+    p = tmp_path / "p.yaml"
+    p.write_text("divergence:\n  kl_p99_max: {4bit: 2.0}\n  top1_min: {8bit: 0.9}\n")
+    mine = load_policy(p)
+    assert mine.kl_p99_max == {"4bit": 2.0} and mine.top1_min == {"8bit": 0.9}
+    p.write_text("divergence:\n  top1_min: {8bit: 1.5}\n")
+    with pytest.raises(ConfigError, match="top1_min in"):
+        load_policy(p)
+    p.write_text("divergence:\n  kl_p99: {8bit: 1}\n")
+    with pytest.raises(ConfigError, match="divergence.kl_p99: unknown key"):
+        load_policy(p)

@@ -9,7 +9,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from qgcore.artifacts import BenchRun, CheckpointManifest, EvalRun, ModelRef, TaskResult
+from qgcore.artifacts import BenchRun, CheckpointManifest, DivergenceRun, EvalRun, ModelRef, TaskResult
 from qgcore.integrity import record_files
 from qgcore.stats import compare
 from quantgate.cli import main
@@ -48,17 +48,32 @@ def _write_variant(run: Path, name: str, correct: list[int], tps: float, size: i
                               metric="acc,none", higher_is_better=True, binary=True).to_dict()
     EvalRun(variant=name, status="ok", engine="vllm", manifest_key=f"k-{name}", tasks={"mc": task},
             comparisons=comps).write(vdir / "eval.json")
-    level = {"concurrency": 8, "output_throughput": tps, "request_throughput": tps / 64, "p50_ttft_ms": 50.0,
-             "p95_ttft_ms": 90.0, "p99_ttft_ms": 99.0, "p50_itl_ms": 10.0, "p95_itl_ms": 20.0, "p99_itl_ms": 30.0,
-             "p50_e2el_ms": 700.0, "p95_e2el_ms": 900.0, "p99_e2el_ms": 990.0, "failed": 0,
-             "metrics": {"kv_cache_usage_perc": {"peak": 0.3}, "num_requests_waiting": {"peak": 2},
-                         "request_queue_time_seconds": {"mean": 0.01}}}
+    levels = []
+    for c, scale in ((1, 0.2), (8, 1.0), (32, 1.6)):  # throughput grows with concurrency, and so does latency
+        levels.append({"concurrency": c, "output_throughput": tps * scale, "request_throughput": tps * scale / 64,
+                       "p50_ttft_ms": 50.0 * scale, "p95_ttft_ms": 90.0 * scale * c / 8, "p99_ttft_ms": 99.0 * scale,
+                       "p50_itl_ms": 10.0, "p95_itl_ms": 20.0 * c / 8 + 5, "p99_itl_ms": 30.0 * c / 8 + 5,
+                       "p50_e2el_ms": 700.0, "p95_e2el_ms": 900.0, "p99_e2el_ms": 990.0, "failed": 0,
+                       "metrics": {"kv_cache_usage_perc": {"peak": 0.3}, "num_requests_waiting": {"peak": 2},
+                                   "request_queue_time_seconds": {"mean": 0.01}}})
     point = {"concurrency": 8, "output_tokens_per_s": tps, "requests_per_s": tps / 64, "price_per_hour": 2.4,
              "usd_per_1m_output_tokens": 2.4 / (tps * 3600) * 1e6}
     BenchRun(variant=name, status="ok", key="k", tool={"name": "vllm bench serve", "version": "0"},
-             settings={"input_len": 128, "output_len": 64, "seed": 0, "price_key": "H100"}, levels=[level],
+             settings={"input_len": 128, "output_len": 64, "seed": 0, "price_key": "H100"}, levels=levels,
              slo={"ttft_p95_s": 3.0, "itl_p95_ms": 50.0}, slo_point=point,
-             memory={"server_rss_bytes_peak": size * 3, "kind": "host RSS"}).write(vdir / "bench.json")
+             memory={"server_rss_bytes_peak": size * 3, "kind": "host RSS", "weights_bytes": size,
+                     "kv_cache_bytes": 2 * size, "kv_cache_tokens": 9000, "context_len": 2048,
+                     "max_concurrent_sequences_at_context_len": 4.4}).write(vdir / "bench.json")
+    if base is not None:
+        kl = 0.01 if name == "fp8" else 0.3
+        depth = [{"depth_from": a, "depth_to": b, "n_tokens": 100, "kl_mean": kl * f, "kl_median": kl, "kl_p90": kl,
+                  "kl_p99": 3 * kl, "top1_agreement": 1 - kl * f, "p_ref_top_mean": 0.5}
+                 for a, b, f in ((0, 512, 1.0), (512, 2048, 1.5))]
+        DivergenceRun(variant=name, status="ok", engine="vllm", reference_engine="vllm", key="k", k=20,
+                      method="top-k", source="synthetic", n_docs=2, max_model_len=2048,
+                      overall={"n_tokens": 200, "kl_mean": kl, "kl_median": kl, "kl_p90": kl, "kl_p99": 3 * kl,
+                               "top1_agreement": 1 - kl, "p_ref_top_mean": 0.5, "kl_mean_ci": [kl / 2, kl * 2]},
+                      by_depth=depth, doc_kl_mean=[kl, kl]).write(vdir / "divergence.json")
     return items
 
 
@@ -70,6 +85,19 @@ def run_dir(tmp_path: Path) -> Path:
     _write_variant(run, "fp8", base_correct, 130.0, 600, base)  # identical answers, faster: promote
     gptq = [0] * 120 + [1] * 180 + [0] * 200  # 120 right->wrong: clearly worse
     _write_variant(run, "gptq-4", gptq, 200.0, 400, base)
+    return run
+
+
+@pytest.fixture
+def report_run(run_dir: Path) -> Path:
+    """Plus a variant whose server never came up: no bench, no divergence; the report renders around it."""
+    run = run_dir
+    awq = run / "awq-4"
+    (awq / "checkpoint").mkdir(parents=True)
+    (awq / "checkpoint" / "config.json").write_text('{"model_type": "llama"}')
+    _manifest("awq-4", 400, record_files(awq / "checkpoint")).write(awq / "manifest.json")
+    EvalRun(variant="awq-4", status="failed", reason="vLLM exited with code 1 during start-up", engine="vllm",
+            manifest_key="k-awq-4", tasks={}).write(awq / "eval.json")
     return run
 
 
@@ -108,13 +136,15 @@ def test_gate_rejects_everything_when_all_worse(run_dir: Path):
     assert json.loads((run_dir / "verdict.json").read_text())["recommended"] is None
 
 
-def test_report_is_self_contained(run_dir: Path):
-    html = render(build_report_data(run_dir, load_policy()))
+def test_report_is_self_contained(report_run: Path):
+    html = render(build_report_data(report_run, load_policy()))
     assert "Gate: PASSED" in html and "fp8" in html
     assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html, re.I), "no external URL may appear"
     assert "<script src" not in html and "<link" not in html
     assert "right→wrong" in html  # flip counts shown
-    assert html.count("<svg") >= 3  # quality-vs-throughput, memory, disk
+    assert html.count("<svg") >= 9  # forest, 2 latency curves, quality-vs-throughput, 3 memory, 2 by depth
+    assert 'href="#task-mc"' in html and 'id="task-mc"' in html and 'href="#bench-fp8"' in html  # deep links
+    assert 'id="divergence-table"' in html and "fp8" in html
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -122,19 +152,42 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts"  # the screenshot is part of the test output
+CHARTS = {  # data-chart label -> what must be drawn in it
+    "forest plot mc": "class=\"ci\"", "ITL p95 ms vs output": "class=\"series\"",
+    "TTFT p95 ms vs output": "class=\"series\"", "stacked bars weights + KV cache": "class=\"bar\"",
+    "mean KL from bf16, nats vs context": "class=\"series\"",
+    "top-1 agreement with bf16 vs context": "class=\"series\"",
+}
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (make setup installs it)")
-def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path):
-    assert main(["report", str(run_dir)]) == 0
-    page = (run_dir / "report.html").resolve()
-    shot = tmp_path / "report.png"
-    common = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri()],
-                   capture_output=True, timeout=120, check=False)
-    assert shot.is_file() and shot.stat().st_size > 10_000
+def test_report_renders_in_headless_chromium(report_run: Path, tmp_path: Path):
+    """Chromium opens the file offline; every chart drew data and axis labels; no console errors; screenshot kept."""
+    assert main(["report", str(report_run)]) == 0
+    page = (report_run / "report.html").resolve()
+    SHOTS.mkdir(exist_ok=True)
+    shot = SHOTS / "report.png"
+    shot.unlink(missing_ok=True)
+    common = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    out = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1280,6000", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert shot.is_file() and shot.stat().st_size > 30_000
+    print(f"report screenshot: {shot}")
+    assert not re.search(r"CONSOLE|Uncaught|Failed to load resource", out.stderr), out.stderr[-2000:]
     dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
                          check=False).stdout
     assert "Gate: PASSED" in dom and "Recommended variant" in dom
     assert re.search(r"promote</span>", dom) and re.search(r"reject</span>", dom)
+    svgs = dict(re.findall(r'<svg class="chart"[^>]*data-chart="([^"]+)"[^>]*>(.*?)</svg>', dom, re.S))
+    for label, mark in CHARTS.items():
+        chart = next((body for name, body in svgs.items() if name.startswith(label)), None)
+        assert chart is not None, (label, list(svgs))
+        assert mark in chart, label
+        drawn = re.search(r' d="M[\d.]+,[\d.]+[HL]', chart) or re.search(r'class="bar"[^>]*width="[1-9]', chart)
+        assert drawn, f"{label}: nothing drawn"
+        assert re.search(r'class="axis"[^>]*>[^<]+<', chart), f"{label}: no axis label"
+    assert "vLLM exited with code 1 during start-up" in dom  # the failed variant is shown, not dropped
 
 
 def test_ci_entry_point_keeps_exit_codes_on_promoted_and_rejected_runs(run_dir: Path):
