@@ -10,6 +10,8 @@ TARGET_GPU ?=
 TASKS ?=
 LIMIT ?=
 DIVERGENCE_DOCS ?=
+EXECUTOR ?= local
+RAY_ADDRESS ?=
 DIVERGENCE_DATA ?=
 INCLUDE ?=
 CONCURRENCY ?=
@@ -88,7 +90,7 @@ gate: $(VENVS)/quantize/.ok
 ALL_ARGS = $(COMMON) $(call opt,--tasks,$(TASKS)) $(call opt,--include-path,$(INCLUDE)) \
   $(if $(filter 1,$(EMULATE)),--emulate-unsupported) $(call opt,--target-gpu,$(TARGET_GPU)) \
   $(call opt,--concurrency,$(CONCURRENCY)) $(call opt,--config,$(BENCH_CONFIG)) $(call opt,--policy,$(POLICY)) \
-  $(call opt,--require,$(REQUIRE)) $(DIVERGENCE)
+  $(call opt,--require,$(REQUIRE)) $(DIVERGENCE) --executor $(EXECUTOR) $(call opt,--ray-address,$(RAY_ADDRESS))
 all: setup
 	$(QG) all $(ALL_ARGS) $(call opt,--limit,$(LIMIT))
 

@@ -9,6 +9,7 @@ server process tree plus checkpoint bytes on disk, labelled as such; on GPU, NVM
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import threading
 import time
@@ -39,12 +40,19 @@ from qgcore.paths import slug_for
 from qgcore.serving import ServeConfig
 from qgcore.vocab import EMULATED
 
-_BENCH_MAIN = (
-    "import argparse, sys\n"
+# `vllm bench serve` for every level of a variant in one process: importing vLLM costs ~10 s on CPU, paid
+# once instead of once per level. One JSON argv per stdin line; "QG_DONE" after each run.
+_BENCH_LOOP = (
+    "import argparse, json, sys\n"
     "from vllm.benchmarks.serve import add_cli_args, main\n"
-    "p = argparse.ArgumentParser(prog='vllm bench serve')\n"
-    "add_cli_args(p)\n"
-    "main(p.parse_args(sys.argv[1:]))\n"
+    "for line in sys.stdin:\n"
+    "    p = argparse.ArgumentParser(prog='vllm bench serve')\n"
+    "    add_cli_args(p)\n"
+    "    try:\n"
+    "        main(p.parse_args(json.loads(line)))\n"
+    "    except BaseException as e:\n"
+    "        print('bench error:', repr(e), flush=True)\n"
+    "    print('QG_DONE', flush=True)\n"
 )
 CPU_CONFIG = Path(__file__).resolve().parent / "bench.cpu.yaml"
 DEMO_CPU_CONFIG = Path(__file__).resolve().parent / "bench.demo-cpu.yaml"
@@ -90,11 +98,68 @@ class MetricsScraper:
             self.scrapes.append(last)
 
 
-def run_level(server: VllmServer, checkpoint: Path, cfg: BenchConfig, concurrency: int, out_dir: Path) -> dict:
+class BenchClient:
+    """A `vllm bench serve` process that runs one level per request (started on first use, closed by owner)."""
+
+    def __init__(self, python: str, env: dict[str, str]):
+        self.python, self.env = python, env
+        self.proc: subprocess.Popen | None = None
+        self.lines: queue.Queue[str | None] = queue.Queue()
+
+    def _start(self) -> subprocess.Popen:
+        proc = subprocess.Popen([self.python, "-u", "-c", _BENCH_LOOP], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=self.env, bufsize=1)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.lines.put(line)
+            self.lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        return proc
+
+    def run(self, argv: list[str], timeout: float) -> str:
+        """Run one level; its whole output. Raises TimeoutExpired past `timeout`; returns early if the process died."""
+        if self.proc is None:
+            self.proc = self._start()
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(argv) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return "bench process gone"
+        out, deadline = [], time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                self.close()
+                raise subprocess.TimeoutExpired(argv, timeout) from None
+            if line is None or line.rstrip() == "QG_DONE":
+                return "".join(out)
+            out.append(line)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, OSError):
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+def run_level(server: VllmServer, checkpoint: Path, cfg: BenchConfig, concurrency: int, out_dir: Path,
+              client: BenchClient | None = None) -> dict:
     """One load level through `vllm bench serve`; returns its numbers plus /metrics summary."""
     result = out_dir / f"level-c{concurrency}.json"
     result.unlink(missing_ok=True)
-    cmd = [server.python, "-c", _BENCH_MAIN, "--backend", "openai", "--base-url", server.url,
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = ["--backend", "openai", "--base-url", server.url,
            "--endpoint", "/v1/completions", "--model", server.name, "--tokenizer", str(checkpoint),
            "--dataset-name", "random", "--random-input-len", str(cfg.input_len),
            "--random-output-len", str(cfg.output_len), "--num-prompts", str(cfg.num_prompts(concurrency)),
@@ -102,10 +167,15 @@ def run_level(server: VllmServer, checkpoint: Path, cfg: BenchConfig, concurrenc
            "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,95,99",
            "--save-result", "--result-dir", str(out_dir), "--result-filename", result.name, "--disable-tqdm"]
     with MetricsScraper(server.url, cfg.scrape_interval_s) as scraper:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=server.env(), timeout=3600, check=False)
-    (out_dir / f"level-c{concurrency}.log").write_text(proc.stdout + proc.stderr)
+        if client is not None:
+            text = client.run(cmd, timeout=3600)
+        else:
+            proc = subprocess.run([server.python, "-c", _BENCH_LOOP], input=json.dumps(cmd) + "\n",
+                                  capture_output=True, text=True, env=server.env(), timeout=3600, check=False)
+            text = proc.stdout + proc.stderr
+    (out_dir / f"level-c{concurrency}.log").write_text(text)
     if not result.is_file():
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        tail = text.strip().splitlines()[-3:]
         raise RuntimeError(f"vllm bench serve at concurrency {concurrency} wrote no result: {' | '.join(tail)}")
     raw = json.loads(result.read_text())
     level: dict[str, Any] = {"concurrency": concurrency, "num_prompts": cfg.num_prompts(concurrency)}
@@ -212,9 +282,11 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     mem: dict[str, Any] = {"checkpoint_bytes_on_disk": manifest.bytes_on_disk}
     server = VllmServer(vdir / manifest.checkpoint_dir, name=manifest.recipe, log_path=vdir / "logs" /
                         "bench-server.log", config=scfg, scheme=manifest.recipe_spec["quant"]["scheme"])
+    client = None
     try:
         with server:
             server_info = server.provenance() | server.startup_info()
+            client = BenchClient(server.python, server.env())
             with PeakRSS(server.proc.pid, interval=0.5) as rss, PeakGPU(server.proc.pid) as gpu:
                 for c in cfg.concurrency:
                     if progress is not None:
@@ -222,7 +294,7 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
                     if not server.alive():
                         raise server._error(f"vLLM died before concurrency {c}")
                     levels.append(run_level(server, vdir / manifest.checkpoint_dir, cfg, c,
-                                            vdir / "bench-raw"))
+                                            vdir / "bench-raw", client))
                 metrics_info = parse_cache_config_info(_scrape_text(server.url))
             mem |= memory_summary(server_info, metrics_info, server.cuda, rss, gpu)
     except ServerError as err:
@@ -230,6 +302,9 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
         reason, tail = (f"unsupported here: {err}" if err.unsupported else str(err)), err.log_tail
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         status, reason, tail = "failed", f"{err} (completed levels kept)", server.log_tail()
+    finally:
+        if client is not None:
+            client.close()
     kv_tokens = mem.get("kv_cache_tokens", server_info.get("kv_cache_tokens"))
     mem["context_len"] = cfg.context_len
     mem["max_concurrent_sequences_at_context_len"] = max_sequences(kv_tokens, cfg.context_len)
@@ -243,12 +318,28 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     )
 
 
-def run_bench_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, config_path: Path | None,
-                    concurrency: str | None, force: bool) -> int:
+def _config(config_path: Path | None, concurrency: str | None, quiet: bool = False) -> BenchConfig:
     if config_path is None and not on_cuda():
         config_path = CPU_CONFIG
-        tqdm.write(f"quantgate: no GPU: using the CPU bench settings in {CPU_CONFIG.name}")
-    cfg = load_bench_config(config_path, concurrency)
+        if not quiet:
+            tqdm.write(f"quantgate: no GPU: using the CPU bench settings in {CPU_CONFIG.name}")
+    return load_bench_config(config_path, concurrency)
+
+
+def bench_recipe(*, model: str | None, recipe: str, runs_root: Path, config_path: Path | None,
+                 concurrency: str | None, force: bool) -> str:
+    """One variant's bench (a Ray cell): writes its bench.json, returns its status."""
+    cfg = _config(config_path, concurrency, quiet=True)
+    run_dir = runs_root / slug_for(model)
+    m = next(x for x in variant_manifests(run_dir, [recipe]) if x.recipe == recipe)
+    run = bench_variant(m, run_dir, cfg, force)
+    run.write(run_dir / m.recipe / "bench.json")
+    return run.status
+
+
+def run_bench_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, config_path: Path | None,
+                    concurrency: str | None, force: bool) -> int:
+    cfg = _config(config_path, concurrency)
     run_dir = runs_root / slug_for(model)
     manifests = variant_manifests(run_dir, recipes)
     bad = []

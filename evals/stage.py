@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -246,10 +248,32 @@ def _write_divergence(run_dir: Path, manifests: list[CheckpointManifest], name: 
                    f"top-1 agreement {o['top1_agreement']:.3f} ({o['n_tokens']} tokens, {engine})")
 
 
-def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
-                   include_path: Path | None, limit: int | None, emulate: bool, force: bool,
-                   verify: bool = False, divergence_docs: int = divergence.DEFAULT_DOCS,
-                   divergence_data: str | None = None) -> int:
+@dataclass
+class EvalContext:
+    """What scoring any variant of one run needs: tasks resolved, hashed and checked once."""
+
+    run_dir: Path
+    manifests: list[CheckpointManifest]
+    tasks: list[str]
+    hashes: dict[str, str]
+    sources: dict[str, str]
+    skips: dict[str, str]
+    tm: Any
+    generative: dict[str, bool]
+    limit: int | None
+    force: bool
+    div: _Divergence | None
+
+    def score(self, m: CheckpointManifest, engine: str = "vllm") -> EvalRun:
+        """Score one variant through `engine`, filling the per-(checkpoint, task) cache; writes no eval.json."""
+        return _eval_variant(_Plan(m, self.run_dir, engine), self.tasks, self.hashes, self.sources, self.skips,
+                             self.tm, self.limit, self.force, self.generative, self.div)
+
+
+def prepare_eval(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
+                 include_path: Path | None, limit: int | None, force: bool = False, verify: bool = False,
+                 divergence_docs: int = divergence.DEFAULT_DOCS, divergence_data: str | None = None,
+                 quiet: bool = False) -> EvalContext:
     run_dir = runs_root / slug_for(model)
     manifests = variant_manifests(run_dir, recipes, verify=verify)
     tasks = tasks or list(DEFAULT_TASKS)
@@ -263,19 +287,32 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
     generative = {t: infos[t].output_type == "generate_until" for t in tasks}
     skips = {t: r for t in tasks if t not in BUILTIN_TASKS and (r := dataset_skip_reason(t, infos[t]))}
     for t, r in skips.items():
-        tqdm.write(f"quantgate: skipping {t}: {r}")
+        if not quiet:
+            tqdm.write(f"quantgate: skipping {t}: {r}")
     div = None
     if divergence_docs > 0:  # documents tokenized once, with bf16's tokenizer (every variant shares it)
         ref = _Plan(manifests[0], run_dir, "vllm")
         div = _Divergence(divergence.build_set(ref.checkpoint, n_docs=divergence_docs,
                                                max_model_len=ref.cfg.max_model_len, data=divergence_data),
                           ref.cfg.max_model_len)
+    return EvalContext(run_dir, manifests, tasks, hashes, suite.sources, skips, tm, generative, limit, force, div)
+
+
+def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
+                   include_path: Path | None, limit: int | None, emulate: bool, force: bool,
+                   verify: bool = False, divergence_docs: int = divergence.DEFAULT_DOCS,
+                   divergence_data: str | None = None, scored: dict[str, EvalRun] | None = None) -> int:
+    """Score every variant (bf16 first) and write eval.json + divergence.json. `scored`: variants already
+    scored through vLLM elsewhere (the Ray executor's cells): their results are used as they are."""
+    ctx = prepare_eval(model=model, recipes=recipes, runs_root=runs_root, tasks=tasks, include_path=include_path,
+                       limit=limit, force=force, verify=verify, divergence_docs=divergence_docs,
+                       divergence_data=divergence_data)
+    run_dir, manifests, div = ctx.run_dir, ctx.manifests, ctx.div
     runs: dict[str, EvalRun] = {}
     bar = tqdm(manifests, desc="eval", unit="variant")
     for m in bar:
         bar.set_postfix_str(m.recipe)
-        runs[m.recipe] = _eval_variant(_Plan(m, run_dir, "vllm"), tasks, hashes, suite.sources, skips, tm, limit,
-                                       force, generative, div)
+        runs[m.recipe] = scored[m.recipe] if scored and m.recipe in scored else ctx.score(m)
         r = runs[m.recipe]
         summary = ", ".join(f"{t}={x.value:.4f}" for t, x in r.tasks.items() if x.value is not None)
         tqdm.write(f"quantgate: {m.recipe}: {r.status} in {r.wall_seconds:.0f}s {summary} {r.reason or ''}".rstrip())
@@ -285,8 +322,7 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
         if needs:
             bf16 = manifests[0]
             for m in [bf16, *needs]:
-                emulated[m.recipe] = _eval_variant(_Plan(m, run_dir, EMULATED), tasks, hashes, suite.sources, skips,
-                                                   tm, limit, force, generative, div)
+                emulated[m.recipe] = ctx.score(m, EMULATED)
                 tqdm.write(f"quantgate: {m.recipe}: {EMULATED}: {emulated[m.recipe].status}")
     baseline = runs["bf16"]
     if "bf16" in emulated:  # published: the gate compares emulated scores with this run, not with vLLM's

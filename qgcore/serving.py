@@ -6,6 +6,7 @@ it, and the verdict prints the same deploy line from a manifest's serving spec. 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,17 @@ class ServeConfig:
     # the bench keeps vLLM's own default (None: not set), as production serves.
     cpu_reserved_cores: int | None = None
     gpu_memory_utilization: float = 0.85
+    # Set where cells share one CPU machine (the Ray executor, QUANTGATE_CPU_THREADS): this many unpinned
+    # compute threads, so two servers never pin themselves onto the same cores.
+    cpu_threads: int | None = None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], *, scoring: bool = False) -> ServeConfig:
         """From a manifest's `serve` section (the recipe's ServeSpec as JSON). `scoring`: a server that only
         scores prompts (the eval stage) computes on every CPU core; a bench server runs as vLLM defaults."""
+        threads = os.environ.get("QUANTGATE_CPU_THREADS")
         return cls(kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), extra_args=list(spec.get("extra_args", [])),
-                   cpu_reserved_cores=0 if scoring else None)
+                   cpu_reserved_cores=0 if scoring else None, cpu_threads=int(threads) if threads else None)
 
     def env(self, cuda: bool) -> dict[str, str]:
         """Environment settings that change how the server runs (and so every number it produces)."""
@@ -42,6 +47,8 @@ class ServeConfig:
         env = {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib)}
         if self.cpu_reserved_cores is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.cpu_reserved_cores)
+        if self.cpu_threads is not None:
+            env |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(self.cpu_threads)}
         return env
 
     def args(self, cuda: bool) -> list[str]:

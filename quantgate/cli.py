@@ -111,9 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--policy", type=Path, default=None, help="gate policy YAML")
     a.add_argument("--require", default=None, help="exit 2 unless this variant is promoted")
     a.add_argument("--verify", action="store_true", help="hash every checkpoint file before measuring")
+    a.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one process, stage after stage (default); ray: cells on a Ray cluster")
+    a.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster on this machine)")
+    a.add_argument("--cpus-per-cell", type=float, default=1.0, help="CPUs each Ray cell asks for (default 1)")
     a.add_argument("--demo", action="store_true",
                    help="demo sizing where not given (100 items, the tasks the default model can decide on, a short "
                         "CPU bench; recorded in demo.json and the report); exit 0 when only the gate said no")
+    pl = sub.add_parser("plan", help="cell schedule and estimated wall time on N GPUs, from a measured run",
+                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from quantgate.plan import add_args
+
+    add_args(pl)
     return parser
 
 
@@ -150,6 +160,12 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_gate(_default_run(args), policy_path=args.policy, require=args.require, junit=args.junit,
                         verify=args.verify)
+    if args.command == "plan":
+        from quantgate.plan import run_plan
+
+        return run_plan(args)
+    if args.command == "all" and args.executor == "ray":
+        return _all_ray(args)
     if args.command == "all":
         from quantgate.pipeline import demo_exit, run_all
 
@@ -162,6 +178,32 @@ def dispatch(args: argparse.Namespace) -> int:
                        divergence_data=args.divergence_data)
         return demo_exit(code) if args.demo else code
     raise AssertionError(args.command)  # argparse restricts choices
+
+
+def _all_ray(args: argparse.Namespace) -> int:
+    from quantgate.cells import RunSpec, run_all_ray
+    from quantgate.pipeline import DEMO_CALIBRATION, DEMO_DIVERGENCE_DOCS, demo_exit, demo_settings
+
+    limit, tasks, config, docs = args.limit, _recipes(args.tasks), args.config, _docs(args.divergence_docs)
+    if args.demo:
+        from evals.bench_stage import DEMO_CPU_CONFIG
+        from evals.serve import on_cuda
+        from qgcore.paths import slug_for
+
+        docs = docs or {"divergence_docs": DEMO_DIVERGENCE_DOCS}
+        limit, tasks, config = demo_settings(args.runs / slug_for(args.model), limit=limit, tasks=tasks,
+                                             bench_config=config, cuda=on_cuda(), demo_cpu_bench=DEMO_CPU_CONFIG,
+                                             divergence_docs=docs["divergence_docs"])
+    spec = RunSpec(runs_root=str(args.runs.resolve()), model=args.model, tasks=tasks, limit=limit,
+                   include_path=str(args.include_path.resolve()) if args.include_path else None,
+                   target_gpu=args.target_gpu, concurrency=args.concurrency,
+                   bench_config=str(config.resolve()) if config else None,
+                   divergence_docs=docs.get("divergence_docs"), divergence_data=args.divergence_data,
+                   calibration=DEMO_CALIBRATION if args.demo else None)
+    code = run_all_ray(spec=spec, recipes=_recipes(args.recipes), address=args.ray_address,
+                       emulate=args.emulate_unsupported, policy=args.policy, require=args.require,
+                       cpus_per_cell=args.cpus_per_cell)
+    return demo_exit(code) if args.demo else code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 """A load run that fails midway keeps the levels it finished and says so (no server needed here)."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ class FakeServer:
     def __init__(self, checkpoint, *, name, log_path, config, scheme=None):
         self.name, self.cuda, self.url = name, False, "http://127.0.0.1:9"  # nothing listens: no /metrics
         self.proc = type("P", (), {"pid": os.getpid()})()
+        self.python = sys.executable
+
+    def env(self):
+        return dict(os.environ)
 
     def __enter__(self):
         return self
@@ -39,7 +44,7 @@ class FakeServer:
 def test_failure_midway_keeps_finished_levels(tmp_path: Path, monkeypatch):
     calls = []
 
-    def fake_level(server, checkpoint, cfg, c, out_dir):
+    def fake_level(server, checkpoint, cfg, c, out_dir, client=None):
         calls.append(c)
         if c == 4:
             raise RuntimeError("vllm bench serve at concurrency 4 wrote no result: boom")

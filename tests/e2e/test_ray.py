@@ -1,0 +1,174 @@
+"""The Ray executor on a real local cluster: a head and a worker node, each its own raylet process.
+
+Default suite: quantize cells on the two-node cluster give the same checkpoints as the local executor, and a
+worker that cannot see the run folder stops the run with one line naming it (exit 1). `make test-slow`: the
+whole matrix (bf16 + two recipes, eval + bench) on Ray equals the local run, and a worker killed mid-cell
+costs a retry, not the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from quantgate.cells import Cell, RayExecutor, RunSpec, write_token
+from quantgate.cli import main
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY_BIN = Path(ray.__file__).parents[4] / "bin" / "ray"
+
+
+@pytest.fixture
+def cluster():
+    """Head (1 CPU) + worker (1 CPU), separate raylet processes; torn down after each test."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c, worker
+    ray.shutdown()
+    c.shutdown()
+
+
+def _manifest(run: Path, name: str) -> dict:
+    return json.loads((run / name / "manifest.json").read_text())
+
+
+def test_quantize_cells_on_two_nodes_match_the_local_executor(cluster, tiny_model: Path, tmp_path: Path):
+    c, _ = cluster
+    local = tmp_path / "local"
+    assert main(["quantize", "--model", str(tiny_model), "--recipes", "bf16,fp8", "--runs", str(local)]) == 0
+    spec = RunSpec(runs_root=str(tmp_path / "ray"), model=str(tiny_model))
+    spec.run_dir.mkdir(parents=True)
+    write_token(spec)
+    done = RayExecutor(c.address).run(spec, [Cell("quantize", "bf16"), Cell("quantize", "fp8")], lambda *_: None)
+    assert {k: v["status"] for k, v in done.items()} == {"quantize:bf16": "ok", "quantize:fp8": "ok"}
+    assert len({v["pid"] for v in done.values()}) == 2  # two cells, two worker processes (one per node's CPU)
+    for name in ("bf16", "fp8"):
+        a, b = _manifest(local / spec.run_dir.name, name), _manifest(spec.run_dir, name)
+        assert a["content_key"] == b["content_key"]
+        assert {f: r["sha256"] for f, r in a["files"].items()} == {f: r["sha256"] for f, r in b["files"].items()}
+    # a second run of the same cells (same run id) redoes nothing
+    again = RayExecutor(c.address).run(spec, [Cell("quantize", "fp8")], lambda *_: None)
+    assert again["quantize:fp8"].get("reused") is True
+    assert (spec.run_dir / "cells" / "quantize-fp8.starts").read_text().count("\n") == 1
+
+
+def _can_unshare() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--mount", "true"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare(1) to hide the run folder from one node")
+def test_a_worker_that_cannot_see_the_run_folder_stops_the_run_naming_it(tiny_model: Path, tmp_path: Path,
+                                                                          capsys):
+    """The only node with CPUs runs in a mount namespace where a tmpfs hides the runs folder, as a node
+    without the shared volume would; the cell fails at once and the CLI exits 1 with one line."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = Path(tempfile.mkdtemp(prefix="qgray-", dir="/tmp"))  # Ray's socket paths must stay short
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run([str(RAY_BIN), "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                    f"--temp-dir={temp}"], check=True, capture_output=True, env=env, timeout=120)
+    blind = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                              f"mount -t tmpfs tmpfs {runs} && exec {RAY_BIN} start --block "
+                              f"--address=127.0.0.1:{port} --num-cpus=1"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        ray.init(address=f"127.0.0.1:{port}")
+        while sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]) < 1:
+            assert time.monotonic() < deadline, "the blind worker never joined"
+            time.sleep(1)
+        ray.shutdown()
+        rc = main(["all", "--executor", "ray", "--ray-address", f"127.0.0.1:{port}", "--model", str(tiny_model),
+                   "--recipes", "bf16", "--runs", str(runs), "--divergence-docs", "0"])
+        cap = capsys.readouterr()
+        err = (cap.err + cap.out).strip().splitlines()
+        assert rc == 1
+        assert any("cannot see" in line and str(runs.resolve()) in line for line in err), err
+    finally:
+        ray.shutdown()
+        blind.send_signal(signal.SIGTERM)
+        subprocess.run([str(RAY_BIN), "stop", "--force"], capture_output=True, env=env, timeout=120, check=False)
+        blind.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _bench_yaml(tmp: Path) -> Path:
+    p = tmp / "bench.yaml"
+    p.write_text("concurrency: [1, 2]\ninput_len: 16\noutput_len: 8\nprompts_per_level: 1\nmin_prompts: 2\n"
+                 "slo: {ttft_p95_s: 30, itl_p95_ms: 5000}\n")
+    return p
+
+
+ARGS = ["--recipes", "bf16,fp8,gptq-4", "--tasks", "qg_stdlib_ppl", "--limit", "12", "--divergence-docs", "1"]
+
+
+def _servers(root: Path) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "vllm.entrypoints.openai.api_server" in " ".join(p.info["cmdline"] or []) and str(root) in
+            " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+def test_the_whole_matrix_on_ray_equals_the_local_run_and_survives_a_killed_worker(cluster, tiny_model: Path,
+                                                                                  tmp_path: Path):
+    c, worker = cluster
+    bench = _bench_yaml(tmp_path)
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    common = ["--model", str(tiny_model), *ARGS, "--config", str(bench)]
+    rc_local = main(["all", "--runs", str(local), *common])
+    slug = tiny_model.name
+
+    killed: list[int] = []
+
+    def kill_first_eval_worker() -> None:  # SIGKILL the worker process running gptq-4's eval cell, once
+        starts = remote / slug / "cells" / "eval-gptq-4.starts"
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not killed:
+            if starts.is_file() and starts.read_text().strip():
+                pid = int(starts.read_text().split()[2])
+                time.sleep(5)  # let it start its server
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=kill_first_eval_worker, daemon=True).start()
+    rc_ray = main(["all", "--runs", str(remote), "--executor", "ray", "--ray-address", c.address, *common])
+    assert killed, "the kill never happened"
+    assert rc_ray == rc_local
+    for name in ("bf16", "fp8", "gptq-4"):
+        a = json.loads((local / slug / name / "eval.json").read_text())
+        b = json.loads((remote / slug / name / "eval.json").read_text())
+        for task, t in a["tasks"].items():
+            assert t["items"].keys() == b["tasks"][task]["items"].keys()
+            for k, v in t["items"].items():
+                assert b["tasks"][task]["items"][k] == pytest.approx(v, rel=1e-3), (name, task, k)
+        assert json.loads((remote / slug / name / "bench.json").read_text())["status"] == "ok"
+    va = json.loads((local / slug / "verdict.json").read_text())
+    vb = json.loads((remote / slug / "verdict.json").read_text())
+    assert {n: d["verdict"] for n, d in va["variants"].items()} == {n: d["verdict"] for n, d in vb["variants"].items()}
+    cells = remote / slug / "cells"
+    starts = {p.stem: p.read_text().count("\n") for p in cells.glob("*.starts")}
+    assert starts.pop("eval-gptq-4") == 2  # killed once, retried once
+    assert set(starts.values()) == {1}, starts  # no other cell ran twice
+    assert not _servers(tmp_path)  # the killed worker's vLLM server died with it
+    assert not [p for p in remote.rglob("*") if ".tmp" in p.name]  # no half-written cache entry left
