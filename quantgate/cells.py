@@ -46,6 +46,7 @@ class Cell:
     variant: str
     needs: tuple[str, ...] = ()
     gpus: int = 0  # GPUs the cell asks the cluster for (tensor-parallel size of the served variant)
+    cpus: float | None = None  # CPUs it asks for (None: the executor's --cpus-per-cell)
 
     @property
     def id(self) -> str:
@@ -85,15 +86,17 @@ def tensor_parallel(extra_args: list[str]) -> int:
     return 1
 
 
-def plan_cells(recipes: list[str], tp: dict[str, int], *, gpu: bool) -> list[Cell]:
+def plan_cells(recipes: list[str], tp: dict[str, int], *, gpu: bool, bench_cpus: float | None = None) -> list[Cell]:
     """The cell graph: quantize each; eval bf16 first, each variant after its checkpoint and bf16's eval;
-    bench each after the merged eval (the bench skips what the eval could not serve)."""
+    bench each after the merged eval (the bench skips what the eval could not serve). `bench_cpus`: on CPU
+    nodes a bench cell takes a whole node, so no two benches share cores (that skews throughput ratios)."""
     order = ["bf16", *[r for r in recipes if r != "bf16"]]
     cells = [Cell("quantize", r, gpus=1 if gpu else 0) for r in order]
     for r in order:
         needs = (f"quantize:{r}",) + (() if r == "bf16" else ("eval:bf16",))
         cells.append(Cell("eval", r, needs, tp.get(r, 1) if gpu else 0))
-    cells += [Cell("bench", r, tuple(f"eval:{x}" for x in order), tp.get(r, 1) if gpu else 0) for r in order]
+    cells += [Cell("bench", r, tuple(f"eval:{x}" for x in order), tp.get(r, 1) if gpu else 0,
+                   None if gpu else bench_cpus) for r in order]
     return cells
 
 
@@ -114,11 +117,13 @@ def check_storage(spec: RunSpec) -> None:
 def run_cell(spec: RunSpec, cell: Cell) -> dict[str, Any]:
     """Do one cell; return a small JSON-able result. A cell this run already finished is not redone."""
     check_storage(spec)
-    if spec.cpu_threads:  # cells share CPU machines: stay within what the cell asked Ray for
+    if spec.cpu_threads and cell.kind != "bench":  # cells share CPU machines: stay within their Ray CPUs
         import torch
 
         os.environ["QUANTGATE_CPU_THREADS"] = str(spec.cpu_threads)
         torch.set_num_threads(spec.cpu_threads)
+    elif cell.kind == "bench":  # a bench cell has its node to itself: served as vLLM's defaults, as locally
+        os.environ.pop("QUANTGATE_CPU_THREADS", None)
     marker = _marker(spec, cell)
     if marker.is_file():
         done = json.loads(marker.read_text())
@@ -206,7 +211,7 @@ class RayExecutor:
                     if any(results[n].get("status") == "failed" and n.startswith("quantize:") for n in c.needs):
                         results[c.id] = {"id": c.id, "status": "failed", "reason": "its checkpoint failed"}
                         continue
-                    ref = self.remote.options(num_cpus=self.cpus, num_gpus=c.gpus, max_retries=self.retries,
+                    ref = self.remote.options(num_cpus=c.cpus or self.cpus, num_gpus=c.gpus, max_retries=self.retries,
                                               retry_exceptions=False).remote(spec, c)
                     pending[ref] = c
                 if not pending:
@@ -252,8 +257,9 @@ def run_all_ray(*, spec: RunSpec, recipes: list[str] | None, address: str | None
     resolve_model(spec.model)  # once, here: the default model's conversion is cached before cells share it
     write_token(spec)
     tp = {r.name: tensor_parallel(list(r.serve.extra_args)) for r in chosen}
-    cells = plan_cells(names, tp, gpu=on_cuda())
     executor = RayExecutor(address, cpus_per_cell)
+    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in executor.ray.nodes() if n["Alive"]), default=1.0)
+    cells = plan_cells(names, tp, gpu=on_cuda(), bench_cpus=max(node_cpus, cpus_per_cell))
     results: dict[str, Any] = {}
 
     def note(cell: Cell, res: dict[str, Any]) -> None:

@@ -76,9 +76,11 @@ def schedule(cells: list[PlannedCell], gpus: int) -> list[Slot]:
     return out
 
 
-def measured_cells(run_dir: Path) -> tuple[dict[str, float], dict[str, str], float | None]:
-    """Per-cell seconds from a run's artifacts, each variant's family, and the measured model's parameters."""
+def measured_cells(run_dir: Path) -> tuple[dict[str, float], dict[str, str], float | None, dict[str, float]]:
+    """Per-cell seconds from a run's artifacts, each variant's family, the measured model's parameters, and
+    the vLLM start-up part of each eval/bench cell."""
     secs: dict[str, float] = {}
+    startup: dict[str, float] = {}
     family: dict[str, str] = {}
     params = None
     for man in sorted(run_dir.glob("*/manifest.json")):
@@ -91,28 +93,38 @@ def measured_cells(run_dir: Path) -> tuple[dict[str, float], dict[str, str], flo
         for kind, fname in (("eval", "eval.json"), ("bench", "bench.json")):
             p = man.parent / fname
             if p.is_file():
-                secs[f"{kind}:{name}"] = float(json.loads(p.read_text()).get("wall_seconds") or 0.0)
-    return secs, family, params
+                art = json.loads(p.read_text())
+                secs[f"{kind}:{name}"] = float(art.get("wall_seconds") or 0.0)
+                startup[f"{kind}:{name}"] = float((art.get("server") or {}).get("startup_seconds") or 0.0)
+    return secs, family, params, startup
 
 
-def build_plan(run_dir: Path, *, gpus: int, gpu_type: str, params: float | None,
-               speedup: float) -> dict[str, Any]:
-    secs, family, measured = measured_cells(run_dir)
+def build_plan(run_dir: Path, *, gpus: int, gpu_type: str, params: float | None, speedup: float,
+               items_scale: float = 1.0, startup_seconds: float | None = None) -> dict[str, Any]:
+    """`items_scale` multiplies eval work (more items than the measured run); `startup_seconds` replaces each
+    eval/bench cell's measured vLLM start-up (a large model's load and warm-up do not scale with FLOPs)."""
+    secs, family, measured, startup = measured_cells(run_dir)
     if "quantize:bf16" not in secs:
         raise ValueError(f"{run_dir} has no bf16/manifest.json: plan from a finished run (make all)")
     target = params or measured or 0.0
     scale = (target / measured if measured else 1.0) / speedup
     gib = GPU_MEMORY_GIB[gpu_type]
     names = ["bf16", *sorted(n for n in family if n != "bf16")]
+
+    def served(cell: str, work_scale: float) -> float:
+        up = startup.get(cell, 0.0)
+        work = max(secs.get(cell, 0.0) - up, 0.0) * scale * work_scale
+        return work + (startup_seconds if startup_seconds is not None else up * scale)
+
     cells = []
     for n in names:
         tp = gpus_for(target, family[n], gib)
         cells.append(PlannedCell(f"quantize:{n}", secs.get(f"quantize:{n}", 0.0) * scale, 1, ()))
-        cells.append(PlannedCell(f"eval:{n}", secs.get(f"eval:{n}", 0.0) * scale, tp,
+        cells.append(PlannedCell(f"eval:{n}", served(f"eval:{n}", items_scale), tp,
                                  (f"quantize:{n}",) + (() if n == "bf16" else ("eval:bf16",))))
     evals = tuple(f"eval:{n}" for n in names)
-    cells += [PlannedCell(f"bench:{n}", secs.get(f"bench:{n}", 0.0) * scale, gpus_for(target, family[n], gib),
-                          evals) for n in names]
+    cells += [PlannedCell(f"bench:{n}", served(f"bench:{n}", 1.0), gpus_for(target, family[n], gib), evals)
+              for n in names]
     slots = schedule(cells, gpus)
     return {"run": str(run_dir), "gpus": gpus, "gpu_type": gpu_type, "params": target, "measured_params": measured,
             "scale": scale, "sequential_seconds": sum(c.seconds for c in cells),
@@ -128,6 +140,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="a finished run folder whose measured cell times to use")
     p.add_argument("--params", type=float, default=None, help="parameters of the model to plan for (e.g. 70e9)")
     p.add_argument("--speedup", type=float, default=1.0, help="target hardware / measured hardware speed (>0)")
+    p.add_argument("--items-scale", type=float, default=1.0,
+                   help="eval work x this (e.g. 120: MMLU-Pro's 12,032 items where the measured run scored 100)")
+    p.add_argument("--startup-seconds", type=float, default=None,
+                   help="vLLM start-up per eval/bench cell on the target (default: the measured one, scaled)")
 
 
 def run_plan(a: argparse.Namespace) -> int:
@@ -137,7 +153,8 @@ def run_plan(a: argparse.Namespace) -> int:
         print("quantgate plan: error: --gpus must be >= 1 and --speedup > 0")
         return EXIT_CONFIG
     try:
-        plan = build_plan(a.run, gpus=a.gpus, gpu_type=a.gpu_type, params=a.params, speedup=a.speedup)
+        plan = build_plan(a.run, gpus=a.gpus, gpu_type=a.gpu_type, params=a.params, speedup=a.speedup,
+                          items_scale=a.items_scale, startup_seconds=a.startup_seconds)
     except (ValueError, OSError) as err:
         print(f"quantgate plan: error: {err}")
         return EXIT_CONFIG

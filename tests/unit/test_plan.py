@@ -43,6 +43,12 @@ def test_plan_from_a_measured_run(tmp_path: Path, capsys):
     assert plan["wall_seconds"] == 100 + 80 + 50
     scaled = build_plan(run, gpus=2, gpu_type="H100", params=2e9, speedup=4.0)
     assert scaled["scale"] == 0.5 and scaled["wall_seconds"] == 115
+    # start-up replaced, scoring work scaled: bf16 eval 100 s measured of which 40 s start-up
+    ev = run / "bf16" / "eval.json"
+    ev.write_text(json.dumps({"wall_seconds": 100, "server": {"startup_seconds": 40}}))
+    big = build_plan(run, gpus=2, gpu_type="H100", params=None, speedup=1.0, items_scale=10, startup_seconds=300)
+    bf16_eval = next(c for c in big["cells"] if c["id"] == "eval:bf16")
+    assert bf16_eval["end"] - bf16_eval["start"] == 60 * 10 + 300
     assert main(["plan", "--gpus", "2", "--from", str(run)]) == 0
     assert "estimated wall time" in capsys.readouterr().out
     assert main(["plan", "--gpus", "2", "--from", str(tmp_path / "none")]) == 3
