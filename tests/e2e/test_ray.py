@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -73,8 +74,7 @@ def _can_unshare() -> bool:
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare(1) to hide the run folder from one node")
-def test_a_worker_that_cannot_see_the_run_folder_stops_the_run_naming_it(tiny_model: Path, tmp_path: Path,
-                                                                          capsys):
+def test_a_worker_that_cannot_see_the_run_folder_stops_the_run_naming_it(tiny_model: Path, tmp_path: Path):
     """The only node with CPUs runs in a mount namespace where a tmpfs hides the runs folder, as a node
     without the shared volume would; the cell fails at once and the CLI exits 1 with one line."""
     runs = tmp_path / "runs"
@@ -83,28 +83,32 @@ def test_a_worker_that_cannot_see_the_run_folder_stops_the_run_naming_it(tiny_mo
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     temp = Path(tempfile.mkdtemp(prefix="qgray-", dir="/tmp"))  # Ray's socket paths must stay short
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    home = tmp_path / "home"  # a private ~/.ray: no auth token left by another Ray cluster on this machine
+    home.mkdir()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", HOME=str(home))
     subprocess.run([str(RAY_BIN), "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
                     f"--temp-dir={temp}"], check=True, capture_output=True, env=env, timeout=120)
     blind = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                               f"mount -t tmpfs tmpfs {runs} && exec {RAY_BIN} start --block "
                               f"--address=127.0.0.1:{port} --num-cpus=1"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        ray.init(address=f"127.0.0.1:{port}")
-        while sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]) < 1:
-            assert time.monotonic() < deadline, "the blind worker never joined"
-            time.sleep(1)
-        ray.shutdown()
-        rc = main(["all", "--executor", "ray", "--ray-address", f"127.0.0.1:{port}", "--model", str(tiny_model),
-                   "--recipes", "bf16", "--runs", str(runs), "--divergence-docs", "0"])
-        cap = capsys.readouterr()
-        err = (cap.err + cap.out).strip().splitlines()
-        assert rc == 1
-        assert any("cannot see" in line and str(runs.resolve()) in line for line in err), err
+    try:  # the driver is the real CLI in its own process: no Ray state shared with this test process
+        probe = ("import ray, time, sys\n"
+                 f"ray.init(address='127.0.0.1:{port}')\n"
+                 "for _ in range(90):\n"
+                 "    if sum(n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']) >= 1: sys.exit(0)\n"
+                 "    time.sleep(1)\n"
+                 "sys.exit(1)\n")
+        joined = subprocess.run([sys.executable, "-c", probe], capture_output=True, env=env, timeout=180, check=False)
+        assert joined.returncode == 0, "the blind worker never joined: " + joined.stderr.decode()[-500:]
+        out = subprocess.run([sys.executable, "-m", "quantgate.cli", "all", "--executor", "ray", "--ray-address",
+                              f"127.0.0.1:{port}", "--model", str(tiny_model), "--recipes", "bf16", "--runs", str(runs),
+                              "--divergence-docs", "0"], capture_output=True, text=True, env=env, cwd=ROOT,
+                             timeout=600, check=False)
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        assert out.returncode == 1, lines[-20:]
+        assert any("cannot see" in line and str(runs.resolve()) in line for line in lines), lines[-20:]
     finally:
-        ray.shutdown()
         blind.send_signal(signal.SIGTERM)
         subprocess.run([str(RAY_BIN), "stop", "--force"], capture_output=True, env=env, timeout=120, check=False)
         blind.wait(timeout=60)
