@@ -272,7 +272,7 @@ class EvalContext:
 
 def prepare_eval(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
                  include_path: Path | None, limit: int | None, force: bool = False, verify: bool = False,
-                 divergence_docs: int = divergence.DEFAULT_DOCS, divergence_data: str | None = None,
+                 divergence_docs: int | None = None, divergence_data: str | None = None,
                  quiet: bool = False) -> EvalContext:
     run_dir = runs_root / slug_for(model)
     manifests = variant_manifests(run_dir, recipes, verify=verify)
@@ -290,6 +290,8 @@ def prepare_eval(*, model: str | None, recipes: list[str] | None, runs_root: Pat
         if not quiet:
             tqdm.write(f"quantgate: skipping {t}: {r}")
     div = None
+    if divergence_docs is None:  # one home for the default: evals.divergence
+        divergence_docs = divergence.DEFAULT_DOCS
     if divergence_docs > 0:  # documents tokenized once, with bf16's tokenizer (every variant shares it)
         ref = _Plan(manifests[0], run_dir, "vllm")
         div = _Divergence(divergence.build_set(ref.checkpoint, n_docs=divergence_docs,
@@ -300,7 +302,7 @@ def prepare_eval(*, model: str | None, recipes: list[str] | None, runs_root: Pat
 
 def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
                    include_path: Path | None, limit: int | None, emulate: bool, force: bool,
-                   verify: bool = False, divergence_docs: int = divergence.DEFAULT_DOCS,
+                   verify: bool = False, divergence_docs: int | None = None,
                    divergence_data: str | None = None, scored: dict[str, EvalRun] | None = None) -> int:
     """Score every variant (bf16 first) and write eval.json + divergence.json. `scored`: variants already
     scored through vLLM elsewhere (the Ray executor's cells): their results are used as they are."""

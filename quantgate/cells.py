@@ -153,10 +153,9 @@ def _quantize(spec: RunSpec, cell: Cell) -> dict[str, Any]:
 def _eval(spec: RunSpec, cell: Cell) -> dict[str, Any]:
     from evals.stage import prepare_eval
 
-    div = {} if spec.divergence_docs is None else {"divergence_docs": spec.divergence_docs}
     ctx = prepare_eval(model=spec.model, recipes=[cell.variant], runs_root=Path(spec.runs_root), tasks=spec.tasks,
                        include_path=Path(spec.include_path) if spec.include_path else None, limit=spec.limit,
-                       divergence_data=spec.divergence_data, quiet=True, **div)
+                       divergence_docs=spec.divergence_docs, divergence_data=spec.divergence_data, quiet=True)
     m = next(x for x in ctx.manifests if x.recipe == cell.variant)
     run = ctx.score(m)
     return {"status": run.status, "eval": run.model_dump(mode="json")}
@@ -278,12 +277,12 @@ def run_all_ray(*, spec: RunSpec, recipes: list[str] | None, address: str | None
     def merge() -> int:
         scored = {r["id"].split(":", 1)[1]: EvalRun.model_validate(r["eval"])
                   for r in results.values() if r.get("id", "").startswith("eval:") and "eval" in r}
-        div = {} if spec.divergence_docs is None else {"divergence_docs": spec.divergence_docs}
         return run_eval_stage(model=spec.model, recipes=[n for n in names if f"eval:{n}" in results and
                                                          results[f"quantize:{n}"].get("status") != "failed"],
                               runs_root=Path(spec.runs_root), tasks=spec.tasks,
                               include_path=Path(spec.include_path) if spec.include_path else None, limit=spec.limit,
-                              emulate=emulate, force=False, divergence_data=spec.divergence_data, scored=scored, **div)
+                              emulate=emulate, force=False, divergence_data=spec.divergence_data, scored=scored,
+                              divergence_docs=spec.divergence_docs)
 
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -41,10 +41,10 @@ def _divergence_args(p: argparse.ArgumentParser) -> None:
                         "(default: held-out Python stdlib docstrings, offline)")
 
 
-def _docs(value: int | None) -> dict[str, int]:
+def _docs(value: int | None) -> int | None:
     if value is not None and value < 0:
         raise ConfigError(f"--divergence-docs {value}: give a count >= 0 (0 turns divergence off)")
-    return {} if value is None else {"divergence_docs": value}
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +145,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return run_eval_stage(model=args.model, recipes=_recipes(args.recipes), runs_root=args.runs,
                               tasks=_recipes(args.tasks), include_path=args.include_path, limit=args.limit,
                               emulate=args.emulate_unsupported, force=args.force, verify=args.verify,
-                              divergence_data=args.divergence_data, **_docs(args.divergence_docs))
+                              divergence_data=args.divergence_data,
+                              divergence_docs=_docs(args.divergence_docs))
     if args.command == "bench":
         from evals.bench_stage import run_bench_stage
 
@@ -174,7 +175,7 @@ def dispatch(args: argparse.Namespace) -> int:
                        emulate=args.emulate_unsupported,
                        target_gpu=args.target_gpu, concurrency=args.concurrency, bench_config=args.config,
                        policy=args.policy, require=args.require, verify=args.verify, demo=args.demo,
-                       divergence_docs=_docs(args.divergence_docs).get("divergence_docs"),
+                       divergence_docs=_docs(args.divergence_docs),
                        divergence_data=args.divergence_data)
         return demo_exit(code) if args.demo else code
     raise AssertionError(args.command)  # argparse restricts choices
@@ -190,15 +191,15 @@ def _all_ray(args: argparse.Namespace) -> int:
         from evals.serve import on_cuda
         from qgcore.paths import slug_for
 
-        docs = docs or {"divergence_docs": DEMO_DIVERGENCE_DOCS}
+        docs = DEMO_DIVERGENCE_DOCS if docs is None else docs
         limit, tasks, config = demo_settings(args.runs / slug_for(args.model), limit=limit, tasks=tasks,
                                              bench_config=config, cuda=on_cuda(), demo_cpu_bench=DEMO_CPU_CONFIG,
-                                             divergence_docs=docs["divergence_docs"])
+                                             divergence_docs=docs)
     spec = RunSpec(runs_root=str(args.runs.resolve()), model=args.model, tasks=tasks, limit=limit,
                    include_path=str(args.include_path.resolve()) if args.include_path else None,
                    target_gpu=args.target_gpu, concurrency=args.concurrency,
                    bench_config=str(config.resolve()) if config else None,
-                   divergence_docs=docs.get("divergence_docs"), divergence_data=args.divergence_data,
+                   divergence_docs=docs, divergence_data=args.divergence_data,
                    calibration=DEMO_CALIBRATION if args.demo else None)
     code = run_all_ray(spec=spec, recipes=_recipes(args.recipes), address=args.ray_address,
                        emulate=args.emulate_unsupported, policy=args.policy, require=args.require,

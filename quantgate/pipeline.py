@@ -70,7 +70,6 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
             verify: bool, demo: bool = False, divergence_docs: int | None = None,
             divergence_data: str | None = None) -> int:
     from evals.bench_stage import DEMO_CPU_CONFIG, run_bench_stage
-    from evals.divergence import DEFAULT_DOCS as DEFAULT_DIVERGENCE_DOCS
     from evals.serve import on_cuda
     from evals.stage import run_eval_stage
     from quantize.stage import run_stage
@@ -79,7 +78,6 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
     run_dir = runs_root / slug_for(model)
     if demo and divergence_docs is None:
         divergence_docs = DEMO_DIVERGENCE_DOCS
-    div: dict[str, int] = {} if divergence_docs is None else {"divergence_docs": divergence_docs}
     if demo:
         limit, tasks, bench_config = demo_settings(run_dir, limit=limit, tasks=tasks, bench_config=bench_config,
                                                    cuda=on_cuda(), demo_cpu_bench=DEMO_CPU_CONFIG,
@@ -92,7 +90,7 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
         "eval": lambda: run_eval_stage(model=model, recipes=recipes, runs_root=runs_root, tasks=tasks,
                                        include_path=include_path, limit=limit, emulate=emulate, force=False,
                                        verify=verify, divergence_data=divergence_data,
-                                       divergence_docs=div.get("divergence_docs", DEFAULT_DIVERGENCE_DOCS)),
+                                       divergence_docs=divergence_docs),
         "bench": lambda: run_bench_stage(model=model, recipes=recipes, runs_root=runs_root, config_path=bench_config,
                                          concurrency=concurrency, force=False),
     }
