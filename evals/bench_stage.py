@@ -119,10 +119,15 @@ class BenchClient:
         threading.Thread(target=pump, daemon=True).start()
         return proc
 
-    def run(self, argv: list[str], timeout: float) -> str:
-        """Run one level; its whole output. Raises TimeoutExpired past `timeout`; returns early if the process died."""
+    def start(self) -> BenchClient:
+        """Start the process now (idempotent): its imports (~10 s here) then overlap the server's start-up."""
         if self.proc is None:
             self.proc = self._start()
+        return self
+
+    def run(self, argv: list[str], timeout: float) -> str:
+        """Run one level; its whole output. Raises TimeoutExpired past `timeout`; returns early if the process died."""
+        self.start()
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(json.dumps(argv) + "\n")
@@ -282,11 +287,10 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     mem: dict[str, Any] = {"checkpoint_bytes_on_disk": manifest.bytes_on_disk}
     server = VllmServer(vdir / manifest.checkpoint_dir, name=manifest.recipe, log_path=vdir / "logs" /
                         "bench-server.log", config=scfg, scheme=manifest.recipe_spec["quant"]["scheme"])
-    client = None
+    client = BenchClient(server.python, server.env()).start()  # imports while the server starts
     try:
         with server:
             server_info = server.provenance() | server.startup_info()
-            client = BenchClient(server.python, server.env())
             with PeakRSS(server.proc.pid, interval=0.5) as rss, PeakGPU(server.proc.pid) as gpu:
                 for c in cfg.concurrency:
                     if progress is not None:
@@ -303,8 +307,7 @@ def bench_variant(manifest: CheckpointManifest, run_dir: Path, cfg: BenchConfig,
     except (RuntimeError, subprocess.TimeoutExpired) as err:
         status, reason, tail = "failed", f"{err} (completed levels kept)", server.log_tail()
     finally:
-        if client is not None:
-            client.close()
+        client.close()
     kv_tokens = mem.get("kv_cache_tokens", server_info.get("kv_cache_tokens"))
     mem["context_len"] = cfg.context_len
     mem["max_concurrent_sequences_at_context_len"] = max_sequences(kv_tokens, cfg.context_len)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from evals import emulation
 from qgcore import corpus
 from qgcore.divergence import TopK
 from qgcore.errors import ConfigError
@@ -124,6 +125,7 @@ def hf_topk(checkpoint: Path, dset: DivergenceSet, k: int = TOP_K, device: str =
     import torch
     from transformers import AutoModelForCausalLM
 
+    emulation.install()
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.bfloat16).to(device).eval()
     out = []
     with torch.no_grad():

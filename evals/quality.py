@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evals import emulation
 from qgcore.errors import ConfigError, did_you_mean
 
 log = logging.getLogger("quantgate.eval")
@@ -90,6 +91,8 @@ def run_task(*, task: str, tm, lm: str, model_args: dict, limit: int | None, see
     import lm_eval
 
     started = time.perf_counter()
+    if lm == "hf":
+        emulation.install()
     model: Any = batched_rolling_completions(model_args) if lm == "local-completions" else lm
     out = lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=[task], limit=limit, log_samples=True, task_manager=tm,

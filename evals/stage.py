@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from evals import divergence
+from evals import divergence, emulation
 from evals.quality import check_tasks, model_args_for_hf, model_args_for_server, run_task, task_manager
 from evals.serve import ServerError, VllmServer, on_cuda
 from evals.tasks import (
@@ -74,11 +74,15 @@ class _Plan:
         sub = "eval" if engine == "vllm" else "eval-emulated"
         self.result_dir, self.samples_dir = self.vdir / sub, self.vdir / sub / "samples"
 
+    def server(self) -> VllmServer:
+        return VllmServer(self.checkpoint, name=self.manifest.recipe, log_path=self.vdir / "logs" / "eval-server.log",
+                          config=self.cfg, scheme=self.manifest.recipe_spec["quant"]["scheme"])
+
     def flags(self) -> list[str]:
         # the flags the server really gets here (GPU and CPU differ), so cache keys and provenance match
         if self.engine == "vllm":  # thread settings can move the last digits of a log-prob: part of the key
             return self.cfg.args(cuda=on_cuda()) + [f"{k}={v}" for k, v in self.cfg.env(on_cuda()).items()]
-        return ["hf", "bfloat16", "cuda" if on_cuda() else "cpu"]
+        return ["hf", "bfloat16", "cuda" if on_cuda() else "cpu", emulation.FP4_ROUNDING]
 
     def cached(self, task: str, key: str) -> TaskResult | None:
         path = self.result_dir / f"{task}.json"
@@ -150,26 +154,35 @@ class _Divergence:
                         {"engine": plan.engine, "seconds": round(time.perf_counter() - started, 2)})
 
 
-def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, skips: dict, tm,  # noqa: ANN001
-                  limit: int | None, force: bool, generative: dict[str, bool],
-                  div: _Divergence | None = None) -> EvalRun:
-    started = time.perf_counter()
+def _work(plan: _Plan, tasks: list[str], hashes: dict, skips: dict, limit: int | None, force: bool,
+          div: _Divergence | None) -> tuple[dict[str, str], dict[str, TaskResult], list[str], bool, str | None]:
+    """Cache keys, cached results, tasks still to score, whether divergence is still needed, and why the
+    checkpoint cannot be scored at all (a config that disagrees with its manifest)."""
     keys = {t: pair_key(plan.manifest, t, hashes[t], limit, plan.engine, plan.flags()) for t in tasks}
     done = {} if force else {t: r for t in tasks if (r := plan.cached(t, keys[t])) is not None}
     pending = [t for t in tasks if t not in done]
     need_div = div is not None and (force or div.cached(plan) is None)
-    server_info: dict = {}
-    tail: list[str] = []
-    status, reason = "ok", None
     mismatch = config_mismatch(plan.checkpoint, plan.manifest) if pending or need_div else None
     if mismatch:
-        status, reason, pending, need_div = "failed", mismatch, [], False
-    skipped = [t for t in pending if t in skips]
-    scored = [t for t in pending if t not in skips]
+        return keys, done, [], False, mismatch
+    return keys, done, [t for t in pending if t not in skips], need_div, None
+
+
+def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, skips: dict, tm,  # noqa: ANN001
+                  limit: int | None, force: bool, generative: dict[str, bool],
+                  div: _Divergence | None = None, server: VllmServer | None = None) -> EvalRun:
+    """`server`: this variant's server if it was launched early (EvalContext.launch); stopped here either way."""
+    started = time.perf_counter()
+    keys, done, scored, need_div, mismatch = _work(plan, tasks, hashes, skips, limit, force, div)
+    server_info: dict = {}
+    tail: list[str] = []
+    status, reason = ("failed", mismatch) if mismatch else ("ok", None)
+    skipped = [t for t in tasks if t not in done and t in skips and not mismatch]
     done |= _score_tasks(plan, skipped, keys, hashes, sources, skips, tm, limit, None, generative)
+    if server is not None and not ((scored or need_div) and plan.engine == "vllm"):
+        server.stop()  # launched early, not needed after all
     if (scored or need_div) and plan.engine == "vllm":
-        server = VllmServer(plan.checkpoint, name=plan.manifest.recipe, log_path=plan.vdir / "logs" / "eval-server.log",
-                            config=plan.cfg, scheme=plan.manifest.recipe_spec["quant"]["scheme"])
+        server = server or plan.server()
         try:
             with server:
                 server_info = server.provenance() | server.startup_info()
@@ -264,10 +277,21 @@ class EvalContext:
     force: bool
     div: _Divergence | None
 
-    def score(self, m: CheckpointManifest, engine: str = "vllm") -> EvalRun:
+    def score(self, m: CheckpointManifest, engine: str = "vllm", server: VllmServer | None = None) -> EvalRun:
         """Score one variant through `engine`, filling the per-(checkpoint, task) cache; writes no eval.json."""
         return _eval_variant(_Plan(m, self.run_dir, engine), self.tasks, self.hashes, self.sources, self.skips,
-                             self.tm, self.limit, self.force, self.generative, self.div)
+                             self.tm, self.limit, self.force, self.generative, self.div, server)
+
+    def launch(self, m: CheckpointManifest) -> VllmServer | None:
+        """Launch `m`'s vLLM server now, without waiting, if scoring it will need one: on CPU the previous
+        variant's scoring then overlaps this one's start-up (~30 s of mostly single-core imports). Not on a
+        GPU, where each server takes most of the card's memory."""
+        plan = _Plan(m, self.run_dir, "vllm")
+        if on_cuda():
+            return None
+        _keys, _done, scored, need_div, mismatch = _work(plan, self.tasks, self.hashes, self.skips, self.limit,
+                                                          self.force, self.div)
+        return plan.server().launch() if (scored or need_div) and not mismatch else None
 
 
 def prepare_eval(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
@@ -311,13 +335,28 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
                        divergence_data=divergence_data)
     run_dir, manifests, div = ctx.run_dir, ctx.manifests, ctx.div
     runs: dict[str, EvalRun] = {}
+    todo = [m for m in manifests if not (scored and m.recipe in scored)]
+    early: dict[str, VllmServer | None] = {}
     bar = tqdm(manifests, desc="eval", unit="variant")
-    for m in bar:
-        bar.set_postfix_str(m.recipe)
-        runs[m.recipe] = scored[m.recipe] if scored and m.recipe in scored else ctx.score(m)
-        r = runs[m.recipe]
-        summary = ", ".join(f"{t}={x.value:.4f}" for t, x in r.tasks.items() if x.value is not None)
-        tqdm.write(f"quantgate: {m.recipe}: {r.status} in {r.wall_seconds:.0f}s {summary} {r.reason or ''}".rstrip())
+    try:
+        for m in bar:
+            bar.set_postfix_str(m.recipe)
+            if scored and m.recipe in scored:
+                runs[m.recipe] = scored[m.recipe]
+            else:
+                server = early.pop(m.recipe, None) or ctx.launch(m)
+                after = todo[todo.index(m) + 1:]
+                if after:  # the next variant's server starts while this one scores
+                    early[after[0].recipe] = ctx.launch(after[0])
+                runs[m.recipe] = ctx.score(m, server=server)
+            r = runs[m.recipe]
+            summary = ", ".join(f"{t}={x.value:.4f}" for t, x in r.tasks.items() if x.value is not None)
+            tqdm.write(f"quantgate: {m.recipe}: {r.status} in {r.wall_seconds:.0f}s {summary} "
+                       f"{r.reason or ''}".rstrip())
+    finally:  # Ctrl-C or an error: no early server outlives the stage
+        for s in early.values():
+            if s is not None:
+                s.stop()
     emulated: dict[str, EvalRun] = {}
     if emulate:
         needs = [m for m in manifests if runs[m.recipe].status == "unsupported"]

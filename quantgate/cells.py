@@ -67,7 +67,7 @@ class RunSpec:
     bench_config: str | None = None
     divergence_docs: int | None = None
     divergence_data: str | None = None
-    calibration: tuple[int, int] | None = None
+    sizing: dict[str, int] | None = None  # quantize.recipe.Sizing (the demo's)
     cpu_threads: int | None = None  # CPU-only clusters: threads per cell (its Ray CPU request)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
@@ -146,7 +146,7 @@ def _quantize(spec: RunSpec, cell: Cell) -> dict[str, Any]:
     from quantize.stage import run_stage
 
     code = run_stage(model=spec.model, recipes=[cell.variant], runs_root=Path(spec.runs_root),
-                     target_gpu=spec.target_gpu, calibration=spec.calibration)
+                     target_gpu=spec.target_gpu, sizing=spec.sizing)
     return {"status": "ok" if code == EXIT_OK else "failed", "exit_code": code}
 
 

@@ -183,7 +183,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def _all_ray(args: argparse.Namespace) -> int:
     from quantgate.cells import RunSpec, run_all_ray
-    from quantgate.pipeline import DEMO_CALIBRATION, DEMO_DIVERGENCE_DOCS, demo_exit, demo_settings
+    from quantgate.pipeline import DEMO_DIVERGENCE_DOCS, DEMO_SIZING, demo_exit, demo_settings
 
     limit, tasks, config, docs = args.limit, _recipes(args.tasks), args.config, _docs(args.divergence_docs)
     if args.demo:
@@ -200,7 +200,7 @@ def _all_ray(args: argparse.Namespace) -> int:
                    target_gpu=args.target_gpu, concurrency=args.concurrency,
                    bench_config=str(config.resolve()) if config else None,
                    divergence_docs=docs, divergence_data=args.divergence_data,
-                   calibration=DEMO_CALIBRATION if args.demo else None)
+                   sizing=DEMO_SIZING if args.demo else None)
     code = run_all_ray(spec=spec, recipes=_recipes(args.recipes), address=args.ray_address,
                        emulate=args.emulate_unsupported, policy=args.policy, require=args.require,
                        cpus_per_cell=args.cpus_per_cell)

@@ -86,7 +86,7 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
         (run_dir / "demo.json").unlink(missing_ok=True)
     stages: dict[str, Stage] = {
         "quantize": lambda: run_stage(model=model, recipes=recipes, runs_root=runs_root, target_gpu=target_gpu,
-                                      calibration=DEMO_CALIBRATION if demo else None),
+                                      sizing=DEMO_SIZING if demo else None),
         "eval": lambda: run_eval_stage(model=model, recipes=recipes, runs_root=runs_root, tasks=tasks,
                                        include_path=include_path, limit=limit, emulate=emulate, force=False,
                                        verify=verify, divergence_data=divergence_data,
@@ -105,12 +105,14 @@ def run_all(*, model: str | None, recipes: list[str] | None, runs_root: Path, ta
 DEMO_LIMIT = 100  # the gate's min_items: the smallest n at which a task can decide
 DEMO_TASKS = ["qg_stdlib_cont", "qg_stdlib_ppl", "mmlu_pro"]  # the tasks the default model can decide on
 DEMO_DIVERGENCE_DOCS = 3  # documents filling the context (the stage default is 24): 3 gives a CI over documents
-DEMO_CALIBRATION = (32, 256)  # (samples, tokens) for calibrated recipes; the recipes say 64 x 512
+# calibrated recipes: samples x tokens (the recipes say 64 x 512) and AWQ's scale-search grid (llmcompressor: 20)
+DEMO_SIZING = {"num_samples": 32, "seq_len": 256, "grid_points": 10}
 DEMO_WHY = ("demo sizing for a first run on a small machine: {limit} items per task (the gate's minimum); tasks "
             "{tasks} (qg_mmlu_dev left out: SmolLM2-135M is at chance on it, so it decides nothing); calibration "
-            "{calib} samples x {calib_len} tokens (the recipes say 64 x 512; AWQ/GPTQ/NVFP4/FP8-KV checkpoints "
-            "differ accordingly); divergence from bf16 on {docs} documents (24 by default); bench {bench}. `make all` "
-            "runs the recipes as written, every item, the full bench.")
+            "{num_samples} samples x {seq_len} tokens (the recipes say 64 x 512) and AWQ's scale search on "
+            "{grid_points} grid points (20 by default), so the AWQ/GPTQ/NVFP4/FP8-KV checkpoints differ from a full "
+            "run's; divergence from bf16 on {docs} documents (24 by default); bench {bench}. `make all` runs the "
+            "recipes as written, every item, the full bench.")
 
 
 def demo_settings(run_dir: Path, *, limit: int | None, tasks: list[str] | None, bench_config: Path | None,
@@ -123,12 +125,11 @@ def demo_settings(run_dir: Path, *, limit: int | None, tasks: list[str] | None, 
         bench_config = demo_cpu_bench
     run_dir.mkdir(parents=True, exist_ok=True)
     bench = bench_config.name if bench_config else "GPU defaults"
-    n, length = DEMO_CALIBRATION
     (run_dir / "demo.json").write_text(json.dumps({
-        "limit": limit, "tasks": tasks, "bench_config": bench, "calibration": {"num_samples": n, "seq_len": length},
+        "limit": limit, "tasks": tasks, "bench_config": bench, "quantize_sizing": DEMO_SIZING,
         "divergence_docs": divergence_docs,
-        "note": DEMO_WHY.format(limit=limit, tasks=", ".join(tasks), bench=bench, calib=n, calib_len=length,
-                                docs=divergence_docs)},
+        "note": DEMO_WHY.format(limit=limit, tasks=", ".join(tasks), bench=bench, docs=divergence_docs,
+                                **DEMO_SIZING)},
         indent=1) + "\n")
     return limit, tasks, bench_config
 

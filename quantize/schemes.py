@@ -25,6 +25,7 @@ class SchemeHandler:
     # what the saved config.json's quantization_config must say; checked after oneshot
     expect: dict[str, Any] = field(default_factory=dict)
     build: Callable[[Recipe], list[Any]] | None = None
+    grid_search: bool = False  # takes quant.grid_points (AWQ's scale search)
 
 
 SCHEMES: dict[str, SchemeHandler] = {}
@@ -77,8 +78,9 @@ def _awq(recipe: Recipe) -> list[Any]:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
+    grid = {"n_grid": recipe.quant.grid_points} if recipe.quant.grid_points is not None else {}
     return [
-        AWQModifier(),
+        AWQModifier(**grid),
         QuantizationModifier(config_groups=_w4_groups(recipe), ignore=list(recipe.quant.ignore)),
     ]
 
@@ -101,7 +103,8 @@ register(
                   build=lambda r: _fp8(r, kv=True))
 )
 register(SchemeHandler("gptq_w4a16", needs_calibration=True, needs_group_size=True, expect=_W4_EXPECT, build=_gptq))
-register(SchemeHandler("awq_w4a16", needs_calibration=True, needs_group_size=True, expect=_W4_EXPECT, build=_awq))
+register(SchemeHandler("awq_w4a16", needs_calibration=True, needs_group_size=True, expect=_W4_EXPECT, build=_awq,
+                         grid_search=True))
 register(
     SchemeHandler("nvfp4", needs_calibration=True, fixed_group_size=16,
                   expect={"format": "nvfp4-pack-quantized", "weights.num_bits": 4, "weights.type": "float",

@@ -9,30 +9,28 @@ from tqdm import tqdm
 
 from qgcore.errors import EXIT_OK, EXIT_PARTIAL, QuantgateError
 from quantize.hardware import parse_target
-from quantize.recipe import load_recipes
+from quantize.recipe import Sizing, load_recipes
 
 log = logging.getLogger("quantgate.quantize")
 
 
 def run_stage(
     *, model: str | None, recipes: list[str] | None, runs_root: Path, target_gpu: str | None = None,
-    force: bool = False, calibration: tuple[int, int] | None = None,
+    force: bool = False, sizing: dict[str, int] | None = None,
 ) -> int:
     """Quantize `model` with each recipe into `runs_root/<slug>/<recipe>/`. Returns an exit code.
 
     Bad input (unknown recipe, strict-schema error, group size, target GPU, model not found) raises
     before any recipe starts, so nothing is half done. A recipe that fails at run time is reported
-    and the others still run (exit 9). `calibration` = (num_samples, seq_len) replaces every calibrated
-    recipe's sizing (the demo's smaller calibration); it is part of each recipe's content key and manifest.
+    and the others still run (exit 9). `sizing` (a quantize.recipe.Sizing as a dict: the demo's smaller
+    calibration and AWQ search) replaces every calibrated recipe's; it is in each content key and manifest.
     """
     from quantize.check import preflight
     from quantize.run import quantize
 
     chosen = load_recipes(recipes)
-    if calibration is not None:
-        n, length = calibration
-        chosen = [r.model_copy(update={"calibration": r.calibration.model_copy(
-            update={"num_samples": n, "seq_len": length})}) if r.calibration else r for r in chosen]
+    if sizing is not None:
+        chosen = [Sizing.model_validate(sizing).apply(r) for r in chosen]
     target_cc = parse_target(target_gpu)
     resolved, widths = preflight(model, chosen, target_cc)
     run_dir = runs_root / resolved.slug

@@ -144,7 +144,8 @@ def build_report_data(run_dir: Path, policy: GatePolicy, *, verify: bool = False
         variants.append({
             "name": name, "family": m["recipe_spec"]["family"], "description": m["recipe_spec"]["description"],
             "quantization": m["quantization"], "bytes_on_disk": m["bytes_on_disk"],
-            "quantize_seconds": m["wall_seconds"], "quantize_peak": m["peak_memory"],
+            "quantize_seconds": m["wall_seconds"], "eval_seconds": ev.get("wall_seconds"),
+            "quantize_peak": m["peak_memory"],
             "eval_status": ev.get("status"), "eval_reason": ev.get("reason"), "engine": ev.get("engine"),
             "tasks": ev.get("tasks", {}), "comparisons": ev.get("comparisons", {}), "flips": flips,
             "bench": bench, "decision": verdict["variants"].get(name), "divergence": art["divergence"],
@@ -164,9 +165,12 @@ def timings(run_dir: Path, variants: list[dict[str, Any]]) -> dict[str, Any]:
     stages = json.loads(path.read_text()).get("stages_seconds", {}) if path.is_file() else {}
     rows = []
     for v in variants:
-        startup = (v["server"] or {}).get("startup_seconds")
+        server = v["server"] or {}
         ev_tasks = sum(t.get("wall_seconds", 0.0) for t in (v["tasks"] or {}).values())
+        # start-up waited for in this variant's eval, and from launch (it may overlap the previous variant)
         rows.append({"variant": v["name"], "quantize_seconds": v["quantize_seconds"],
-                     "eval_server_startup_seconds": startup, "eval_scoring_seconds": round(ev_tasks, 1),
+                     "eval_server_startup_seconds": server.get("startup_seconds"),
+                     "eval_server_launch_to_ready_seconds": server.get("launch_to_ready_seconds"),
+                     "eval_scoring_seconds": round(ev_tasks, 1), "eval_seconds": v.get("eval_seconds"),
                      "bench_seconds": (v["bench"] or {}).get("wall_seconds")})
     return {"stages_seconds": stages, "variants": rows}

@@ -102,6 +102,8 @@ def test_every_variant_scored_through_vllm(pipeline):
             for task in TASKS:
                 c = ev.comparisons[task]
                 assert c["n_items"] == LIMIT and c["ci_low"] <= c["delta"] <= c["ci_high"]
+            # launched while the previous variant scored: less to wait for than from launch
+            assert ev.server["launch_to_ready_seconds"] > ev.server["startup_seconds"] >= 0
     assert not _servers_left(pipeline["runs"])
 
 
@@ -157,6 +159,7 @@ def test_rerun_reuses_every_finished_pair(pipeline, monkeypatch):
         raise AssertionError("a cached (checkpoint, task) pair started a server")
 
     monkeypatch.setattr(VllmServer, "start", no_server)
+    monkeypatch.setattr(VllmServer, "launch", no_server)  # not even early, for a later variant
     rc = eval_stage.run_eval_stage(model=str(pipeline["model"]), recipes=None, runs_root=pipeline["runs"],
                                    tasks=TASKS, include_path=None, limit=LIMIT, emulate=False, force=False,
                                    divergence_docs=DOCS)

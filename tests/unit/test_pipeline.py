@@ -77,7 +77,8 @@ def test_demo_sizing_fills_only_what_is_open_and_is_recorded(tmp_path: Path):
     assert (limit, tasks, bench) == (DEMO_LIMIT, DEMO_TASKS, cpu_bench)
     rec = json.loads((tmp_path / "run" / "demo.json").read_text())
     assert rec["limit"] == 100 and "qg_mmlu_dev left out" in rec["note"] and rec["bench_config"] == cpu_bench.name
-    assert rec["calibration"] == {"num_samples": 32, "seq_len": 256} and "32 samples x 256 tokens" in rec["note"]
+    assert rec["quantize_sizing"] == {"num_samples": 32, "seq_len": 256, "grid_points": 10}
+    assert "32 samples x 256 tokens" in rec["note"] and "10 grid points" in rec["note"]
     # what the user set wins; on a GPU the bench keeps its GPU defaults
     limit, tasks, bench = demo_settings(tmp_path / "run", limit=273, tasks=["qg_mmlu_dev"], bench_config=None,
                                         cuda=True, demo_cpu_bench=cpu_bench)

@@ -92,3 +92,31 @@ def test_content_hash_ignores_comments(tmp_path: Path):
     a.write_text("# a comment\n" + (RECIPES_DIR / "fp8.yaml").read_text())
     assert load_recipe(a).content_hash() == load_recipe("fp8").content_hash()
     assert load_recipe("fp8").content_hash() != load_recipe("fp8-kv").content_hash()
+
+
+def test_grid_points_only_for_awq_and_reaches_the_modifier():
+    awq = load_recipe("awq-4")
+    data = awq.model_dump(mode="json")
+    data["quant"]["grid_points"] = 10
+    tuned = parse_recipe(data, source="awq.yaml")
+    assert tuned.content_hash() != awq.content_hash()  # a coarser search is another checkpoint
+    gptq = load_recipe("gptq-4").model_dump(mode="json")
+    gptq["quant"]["grid_points"] = 10
+    with pytest.raises(ConfigError, match="grid_points sizes AWQ's scale search; scheme 'gptq_w4a16' has none"):
+        parse_recipe(gptq, source="gptq.yaml")
+    pytest.importorskip("llmcompressor")
+    from quantize.schemes import SCHEMES
+
+    assert SCHEMES["awq_w4a16"].build(tuned)[0].n_grid == 10
+    assert SCHEMES["awq_w4a16"].build(awq)[0].n_grid == 20  # llmcompressor's default when the recipe says nothing
+
+
+def test_demo_sizing_replaces_calibration_and_awq_grid_only_where_they_exist():
+    from quantize.recipe import Sizing
+
+    sizing = Sizing(num_samples=32, seq_len=256, grid_points=10)
+    r = {n: sizing.apply(load_recipe(n)) for n in SHIPPED}
+    assert r["awq-4"].quant.grid_points == 10 and r["gptq-4"].quant.grid_points is None
+    assert r["bf16"] == load_recipe("bf16") and r["fp8"] == load_recipe("fp8")  # uncalibrated: unchanged
+    assert {(r[n].calibration.num_samples, r[n].calibration.seq_len) for n in ("fp8-kv", "awq-4", "gptq-4", "nvfp4")} \
+        == {(32, 256)}
