@@ -336,7 +336,7 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
     run_dir, manifests, div = ctx.run_dir, ctx.manifests, ctx.div
     runs: dict[str, EvalRun] = {}
     todo = [m for m in manifests if not (scored and m.recipe in scored)]
-    early: dict[str, VllmServer | None] = {}
+    live: dict[str, VllmServer | None] = {}  # launched, not yet stopped
     bar = tqdm(manifests, desc="eval", unit="variant")
     try:
         for m in bar:
@@ -344,17 +344,18 @@ def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: P
             if scored and m.recipe in scored:
                 runs[m.recipe] = scored[m.recipe]
             else:
-                server = early.pop(m.recipe, None) or ctx.launch(m)
+                live[m.recipe] = server = live.pop(m.recipe, None) or ctx.launch(m)
                 after = todo[todo.index(m) + 1:]
                 if after:  # the next variant's server starts while this one scores
-                    early[after[0].recipe] = ctx.launch(after[0])
-                runs[m.recipe] = ctx.score(m, server=server)
+                    live[after[0].recipe] = ctx.launch(after[0])
+                runs[m.recipe] = ctx.score(m, server=server)  # stops its server
+                live.pop(m.recipe, None)
             r = runs[m.recipe]
             summary = ", ".join(f"{t}={x.value:.4f}" for t, x in r.tasks.items() if x.value is not None)
             tqdm.write(f"quantgate: {m.recipe}: {r.status} in {r.wall_seconds:.0f}s {summary} "
                        f"{r.reason or ''}".rstrip())
-    finally:  # Ctrl-C or an error: no early server outlives the stage
-        for s in early.values():
+    finally:  # Ctrl-C or an error: no server outlives the stage
+        for s in live.values():
             if s is not None:
                 s.stop()
     emulated: dict[str, EvalRun] = {}
