@@ -169,7 +169,14 @@ def test_the_whole_matrix_on_ray_equals_the_local_run_and_survives_a_killed_work
         assert json.loads((remote / slug / name / "bench.json").read_text())["status"] == "ok"
     va = json.loads((local / slug / "verdict.json").read_text())
     vb = json.loads((remote / slug / "verdict.json").read_text())
-    assert {n: d["verdict"] for n, d in va["variants"].items()} == {n: d["verdict"] for n, d in vb["variants"].items()}
+    # Every quality and divergence check decides the same. Performance checks are not compared: here the two
+    # Ray "nodes" share one machine's two cores, so a bench cell can run beside another (throughput on a tiny
+    # model then moved 0.60x..2.30x between runs); the verdicts follow those checks.
+    def outcomes(v: dict) -> dict:
+        return {n: {c["name"]: c["outcome"] for c in d["checks"] if not c["name"].startswith("performance")}
+                for n, d in v["variants"].items()}
+
+    assert outcomes(va) == outcomes(vb) and set(va["variants"]) == set(vb["variants"])
     cells = remote / slug / "cells"
     starts = {p.stem: p.read_text().count("\n") for p in cells.glob("*.starts")}
     assert starts.pop("eval-gptq-4") == 2  # killed once, retried once
