@@ -30,7 +30,8 @@ def run_stage(
 
     chosen = load_recipes(recipes)
     if sizing is not None:
-        chosen = [Sizing.model_validate(sizing).apply(r) for r in chosen]
+        smaller = Sizing.model_validate(sizing)
+        chosen = [smaller.apply(r) for r in chosen]
     target_cc = parse_target(target_gpu)
     resolved, widths = preflight(model, chosen, target_cc)
     run_dir = runs_root / resolved.slug
