@@ -1,7 +1,8 @@
 # quantgate: recipe -> checkpoint + manifest -> served model -> eval/bench JSON -> report + verdict.
 #   make all                       # everything on the embedded default model (SmolLM2-135M-Instruct)
 #   make all MODEL=org/name        # any local folder or hub id
-#   make gate RUN=runs/<slug>      # CI: exit 0 promoted, 2 rejected, 1 tool error (see README)
+#   make gate RUN=runs/<slug>      # writes verdict.json; GNU make exits 2 for ANY failure: CI reads the CLI's own
+#                                  # code instead (.venvs/quantize/bin/quantgate gate RUN: 0 / 2 rejected / 1 ...)
 #   make test                      # the test suite (.ci/run calls exactly this)
 SHELL := /bin/bash
 MODEL ?=
@@ -13,9 +14,13 @@ DIVERGENCE_DOCS ?=
 EXECUTOR ?= local
 RAY_ADDRESS ?=
 DIVERGENCE_DATA ?=
+DEPLOY_ALL ?=
 INCLUDE ?=
-CONCURRENCY ?=
+MAX_LOAD ?=
 BENCH_CONFIG ?=
+TP ?=
+MAX_MODEL_LEN ?=
+FIXED_N ?=
 POLICY ?=
 REQUIRE ?=
 EMULATE ?= 1
@@ -32,8 +37,11 @@ RUN ?= $(RUNS)/$(SLUG)
 opt = $(if $(2),$(1) $(2))
 COMMON = $(call opt,--model,$(MODEL)) $(call opt,--recipes,$(RECIPES)) --runs $(RUNS)
 DIVERGENCE = $(call opt,--divergence-docs,$(DIVERGENCE_DOCS)) $(call opt,--divergence-data,$(DIVERGENCE_DATA))
+SERVING = $(call opt,--tensor-parallel,$(TP)) $(call opt,--max-model-len,$(MAX_MODEL_LEN)) \
+  $(call opt,--target-gpu,$(TARGET_GPU))
 
-.PHONY: setup chromium quantize eval bench report gate all demo test test-slow lint bench-eval bench-gate bench-pipeline bench-divergence clean help
+.PHONY: setup chromium prometheus quantize eval bench report gate deploy all demo test test-slow lint bench-eval \
+  bench-gate bench-perf-gate bench-pipeline bench-divergence clean help
 
 help:
 	@sed -n '2,6p' Makefile
@@ -57,7 +65,18 @@ $(VENVS)/serve/.ok-$(QUANTGATE_DEVICE): env/serve.$(QUANTGATE_DEVICE).txt
 	@if [ "$(QUANTGATE_DEVICE)" = cpu ]; then $(SPY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
 	$(SPY) -c "import vllm, vllm.entrypoints.openai.api_server" && touch $@
 
-setup: $(VENVS)/quantize/.ok $(VENVS)/serve/.ok-$(QUANTGATE_DEVICE)
+# On a CUDA box both venvs' torch must see the GPU: one clear line naming the driver's CUDA against the wheel's.
+setup: $(VENVS)/quantize/.ok $(VENVS)/serve/.ok-$(QUANTGATE_DEVICE) prometheus
+	@if [ "$(QUANTGATE_DEVICE)" = cuda ]; then $(QPY) -m quantgate.doctor quantize $(QPY) serve $(SPY); fi
+
+# Debian's Prometheus: the bench's own scraper (loopback) and promtool for the deploy kit's rules.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null)) \
+	    && (pkill -x prometheus || true); } || \
+	  echo "note: prometheus not installed: the bench runs without it only with prometheus: false in its YAML"
 
 # Headless Chromium for the report test (Debian package; the report itself needs no browser).
 chromium:
@@ -72,24 +91,28 @@ quantize: $(VENVS)/quantize/.ok
 
 eval: setup
 	$(QG) eval $(COMMON) $(call opt,--tasks,$(TASKS)) $(call opt,--limit,$(LIMIT)) \
-	  $(call opt,--include-path,$(INCLUDE)) $(if $(filter 1,$(EMULATE)),--emulate-unsupported) $(DIVERGENCE)
+	  $(call opt,--include-path,$(INCLUDE)) $(if $(filter 1,$(EMULATE)),--emulate-unsupported) $(DIVERGENCE) \
+	  $(SERVING) $(call opt,--policy,$(POLICY)) $(if $(filter 1,$(FIXED_N)),--fixed-n)
 
 bench: setup
-	$(QG) bench $(COMMON) $(call opt,--concurrency,$(CONCURRENCY)) $(call opt,--config,$(BENCH_CONFIG))
+	$(QG) bench $(COMMON) $(call opt,--max-load,$(MAX_LOAD)) $(call opt,--config,$(BENCH_CONFIG)) $(SERVING)
 
 report: $(VENVS)/quantize/.ok
-	$(QG) report $(RUN) $(call opt,--policy,$(POLICY))
+	$(QG) report $(RUN)
 
 gate: $(VENVS)/quantize/.ok
 	$(QG) gate $(RUN) $(call opt,--policy,$(POLICY)) $(call opt,--require,$(REQUIRE))
+
+deploy: $(VENVS)/quantize/.ok
+	$(QG) deploy $(RUN) $(if $(filter 1,$(DEPLOY_ALL)),--all)
 
 # quantize -> eval -> bench -> report -> gate, in `quantgate all`: a stage that loses only some variants (9)
 # does not stop the rest; the exit code is the gate's (0 / 2), 9 if the gate passed but a variant failed, or
 # the failing stage's own code. GNU make turns every non-zero code into 2: CI reads the CLI's code instead
 # (`make setup && .venvs/quantize/bin/quantgate all ...`, see README "CI").
 ALL_ARGS = $(COMMON) $(call opt,--tasks,$(TASKS)) $(call opt,--include-path,$(INCLUDE)) \
-  $(if $(filter 1,$(EMULATE)),--emulate-unsupported) $(call opt,--target-gpu,$(TARGET_GPU)) \
-  $(call opt,--concurrency,$(CONCURRENCY)) $(call opt,--config,$(BENCH_CONFIG)) $(call opt,--policy,$(POLICY)) \
+  $(if $(filter 1,$(EMULATE)),--emulate-unsupported) $(SERVING) $(if $(filter 1,$(FIXED_N)),--fixed-n) \
+  $(call opt,--max-load,$(MAX_LOAD)) $(call opt,--config,$(BENCH_CONFIG)) $(call opt,--policy,$(POLICY)) \
   $(call opt,--require,$(REQUIRE)) $(DIVERGENCE) --executor $(EXECUTOR) $(call opt,--ray-address,$(RAY_ADDRESS))
 all: setup
 	$(QG) all $(ALL_ARGS) $(call opt,--limit,$(LIMIT))
@@ -125,6 +148,10 @@ bench-divergence: $(VENVS)/quantize/.ok
 # The gate's false-promote rate and power by simulation through its own code (no model, no server).
 bench-gate: $(VENVS)/quantize/.ok
 	$(QPY) -m quantgate.bench_gate --out $(RUNS)/bench-gate.json
+
+# The throughput check's false-reject rate: the reference benched against itself as if it were a variant.
+bench-perf-gate: setup
+	$(QPY) -m quantgate.bench_perf_gate --runs $(RUNS)/bench-perf-gate $(call opt,--model,$(MODEL))
 
 clean:
 	rm -rf $(RUNS) .cache/tasks

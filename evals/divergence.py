@@ -25,7 +25,7 @@ from evals import emulation
 from qgcore import corpus
 from qgcore.divergence import TopK
 from qgcore.errors import ConfigError
-from qgcore.hashing import content_key
+from qgcore.hashing import content_key, file_sha256
 
 TOP_K = 20  # vLLM's default --max-logprobs: the most a stock server returns
 DEFAULT_DOCS = 24
@@ -79,21 +79,45 @@ def _concat(pieces: list[str], n: int, min_chars: int, what: str) -> list[str]:
                       "(pass fewer with --divergence-docs)")
 
 
-def build_set(tokenizer_dir: Path, *, n_docs: int, max_model_len: int, data: str | None = None) -> DivergenceSet:
-    """`n_docs` documents of exactly max_model_len - 1 tokens (the server adds one generated token)."""
+CPU_DOC_TOKENS = 2048  # on CPU: prompt log-probs of an 8k document cost ~4x a 2k one, for every variant
+GPU_DOC_TOKENS = 16384  # on a GPU: deep enough for FP8-KV damage, small enough to fetch (20 log-probs a token)
+
+
+def doc_tokens_for(platform: str, max_model_len: int, asked: int | None = None) -> int:
+    """Tokens per divergence document: asked (at most the served context), else the platform's default."""
+    want = asked if asked is not None else (GPU_DOC_TOKENS if platform == "cuda" else CPU_DOC_TOKENS)
+    return max(min(want, max_model_len - 1), 2)
+
+
+def build_set(tokenizer_dir: Path, *, n_docs: int, doc_tokens: int, data: str | None = None,
+              cache_dir: Path | None = None, tokenizer_key: str = "") -> DivergenceSet:
+    """`n_docs` documents of exactly `doc_tokens` tokens (at most the served context minus the one the server
+    adds). Cached by what they are made of (the tokenizer's files, the count, the length, the data), so a
+    rerun computes no key from scratch."""
+    cache = None
+    if cache_dir is not None:
+        origin = data if data is None or not Path(data).is_file() else file_sha256(Path(data))
+        cache = cache_dir / "divergence" / (content_key([tokenizer_key, n_docs, doc_tokens, origin,
+                                                         file_sha256(Path(corpus.__file__))]) + ".json")
+        if cache.is_file():
+            known = json.loads(cache.read_text())
+            return DivergenceSet(docs=known["docs"], source=known["source"], key=known["key"])
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    length = max_model_len - 1
-    texts, source = _texts(data, n_docs, min_chars=length * 6)  # >= 6 chars per token leaves room to cut
+    texts, source = _texts(data, n_docs, min_chars=doc_tokens * 6)  # >= 6 chars per token leaves room to cut
     docs = []
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     for text in texts:
         ids = bos + tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) < length:
-            raise ConfigError(f"divergence document too short ({len(ids)} < {length} tokens) from {source}")
-        docs.append([int(i) for i in ids[:length]])
-    return DivergenceSet(docs=docs, source=source, key=content_key(docs))
+        if len(ids) < doc_tokens:
+            raise ConfigError(f"divergence document too short ({len(ids)} < {doc_tokens} tokens) from {source}")
+        docs.append([int(i) for i in ids[:doc_tokens]])
+    out = DivergenceSet(docs=docs, source=source, key=content_key(docs))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"docs": out.docs, "source": out.source, "key": out.key}))
+    return out
 
 
 def _one_doc(url: str, name: str, ids: list[int], k: int) -> TopK:

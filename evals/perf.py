@@ -1,66 +1,112 @@
-"""Bench settings and the pure arithmetic around them: /metrics parsing, SLO point, capacity, cost.
+"""Bench settings and the pure arithmetic around them: the capacity sweep, /metrics parsing, capacity with
+its interval, the interleaved throughput ratio, cost and the self-host break-even.
 
-No I/O here beyond reading a YAML file: the runner (evals/bench_stage.py) drives `vllm bench serve`
-and hands its numbers to these functions, which the unit tests check with known values.
+No I/O here beyond reading a YAML file: the runner (evals/bench_stage.py) drives `vllm bench serve` and
+hands its numbers to these functions, which the unit tests check with known values.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qgcore.device import CPU_USD_PER_HOUR, GPUS
 from qgcore.errors import ConfigError, format_validation_error
 
-# On-demand list prices in USD per GPU-hour (typical cloud, late 2026); override in the bench YAML.
-DEFAULT_PRICES = {"H100": 2.40, "H200": 3.20, "A100": 1.50, "L40S": 1.00, "L4": 0.70, "B200": 5.00, "cpu": 0.10}
+DEFAULT_PRICES = {name: g.usd_per_hour for name, g in GPUS.items() if g.usd_per_hour} | {"cpu": CPU_USD_PER_HOUR}
 
 
-class SLO(BaseModel):
-    """Latency a chat product promises (seed-playbook defaults: TTFT p95 <= 3 s, ITL p95 <= 50 ms)."""
-
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class SLO(_Strict):
+    """Latency a chat product promises (the playbook's paging thresholds: TTFT p95 <= 3 s, ITL p95 <= 50 ms)."""
+
     ttft_p95_s: float = Field(default=3.0, gt=0)
     itl_p95_ms: float = Field(default=50.0, gt=0)
 
 
-class BenchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    concurrency: list[int] = [1, 8, 32]
-    input_len: int = Field(default=128, ge=1)
+class Workload(_Strict):
+    """What the load generator sends: `random` prompts, or `prefix` (a shared system prompt / multi-turn
+    shape: `vllm bench serve`'s prefix_repetition dataset), where prefix caching and FP8-KV pay off."""
+
+    name: str
+    kind: Literal["random", "prefix"] = "random"
+    input_len: int = Field(default=128, ge=1)  # random: prompt tokens; prefix: the suffix after the shared prefix
     output_len: int = Field(default=64, ge=1)
-    prompts_per_level: int = Field(default=2, ge=1)  # num_prompts = max(min_prompts, this x concurrency)
-    min_prompts: int = Field(default=8, ge=1)
-    seed: int = 0
-    context_len: int = Field(default=2048, ge=1)  # L in "max concurrent sequences at context length L"
-    slo: SLO = SLO()
-    prices: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
-    hardware: str | None = None  # price key; default: detected GPU name, or "cpu"
-    scrape_interval_s: float = Field(default=0.5, gt=0)
+    prefix_len: int = Field(default=0, ge=0)  # prefix: shared tokens
+    num_prefixes: int = Field(default=4, ge=1)  # prefix: distinct shared prefixes
 
-    @field_validator("concurrency")
-    @classmethod
-    def _levels(cls, v: list[int]) -> list[int]:
-        if not v or any(c < 1 for c in v):
-            raise ValueError("concurrency must be a non-empty list of positive integers")
-        return sorted(set(v))
+    @model_validator(mode="after")
+    def _prefix(self) -> Workload:
+        if self.kind == "prefix" and self.prefix_len == 0:
+            raise ValueError(f"workload {self.name}: kind prefix needs prefix_len > 0")
+        return self
 
-    @field_validator("prices")
+
+class Prices(_Strict):
+    """USD list prices: per GPU-hour (by GPU key, "cpu" for a CPU box), an API's per 1M tokens, an SRE's
+    fully loaded cost per year (the playbook's break-even: API spend > GPU spend + 0.5 SRE)."""
+
+    gpu_per_hour: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    api_per_1m_input: float = Field(default=0.50, ge=0)
+    api_per_1m_output: float = Field(default=1.50, ge=0)
+    sre_per_year: float = Field(default=250_000.0, ge=0)
+    sre_fte: float = Field(default=0.5, ge=0)
+
+    @field_validator("gpu_per_hour")
     @classmethod
-    def _prices(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, p in v.items() if not isinstance(p, (int, float)) or p <= 0]
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, p in v.items() if p <= 0]
         if bad:
             raise ValueError(f"prices must be positive USD per hour; bad: {', '.join(bad)}")
         return v
 
-    def num_prompts(self, concurrency: int) -> int:
-        return max(self.min_prompts, self.prompts_per_level * concurrency)
+
+class BenchConfig(_Strict):
+    workloads: list[Workload] = [Workload(name="random"), Workload(name="prefix", kind="prefix", prefix_len=1024,
+                                                                   input_len=128)]
+    start: int = Field(default=1, ge=1)  # first load of the sweep (concurrency)
+    max_load: int = Field(default=256, ge=1)  # the sweep never goes past this
+    prompts_per_load: int = Field(default=4, ge=1)  # requests per unit of concurrency in a level
+    min_prompts: int = Field(default=32, ge=1)  # enough requests for a p95 that means something
+    warmup_prompts: int = Field(default=8, ge=0)  # sent first, not counted (caches, CUDA graphs, allocator)
+    # every level lasts at least this long (its request count sized from the rate already measured), so its
+    # throughput and percentiles are not the noise of a sub-second burst
+    min_level_seconds: float = Field(default=20.0, ge=0)
+    repeats: int = Field(default=5, ge=2)  # interleaved capacity runs of the variant and the reference
+    level: float = Field(default=0.90, gt=0, lt=1)  # two-sided level of the capacity / ratio intervals
+    saturation_growth: float = Field(default=2.0, gt=1)  # queue time of a level's last third over its first
+    seed: int = 0
+    context_len: int | None = Field(default=None, ge=1)  # "max sequences at L": None = the served context
+    slo: SLO = SLO()
+    prices: Prices = Prices()
+    hardware: str | None = None  # price key; default: the detected GPU, or "cpu"
+    scrape_interval_s: float = Field(default=0.5, gt=0)
+    prometheus: bool = True  # a real Prometheus scrapes the servers during the sweep (Debian `prometheus`)
+
+    def num_prompts(self, load: int, rps_per_load: float | None = None) -> int:
+        """Requests for a level at `load`: enough for a p95 and, given the request rate per unit of load seen so
+        far, for `min_level_seconds`."""
+        timed = math.ceil(rps_per_load * load * self.min_level_seconds) if rps_per_load else 0
+        return max(self.min_prompts, self.prompts_per_load * load, timed)
+
+    @model_validator(mode="after")
+    def _loads(self) -> BenchConfig:
+        if self.start > self.max_load:
+            raise ValueError("start must be <= max_load")
+        if not self.workloads or len({w.name for w in self.workloads}) != len(self.workloads):
+            raise ValueError("workloads must be a non-empty list with distinct names")
+        return self
 
 
-def load_bench_config(path: Path | None, concurrency: str | None = None) -> BenchConfig:
+def load_bench_config(path: Path | None, max_load: int | None = None) -> BenchConfig:
     data: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
@@ -71,21 +117,48 @@ def load_bench_config(path: Path | None, concurrency: str | None = None) -> Benc
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: bench config must be a YAML mapping")
-    if concurrency:
-        try:
-            data["concurrency"] = [int(x) for x in concurrency.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--concurrency '{concurrency}': use comma-separated integers like 1,8,32") from None
+    if max_load is not None:
+        data["max_load"] = max_load
     try:
         return BenchConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(f"bench config {path or '(defaults)'}", err)) from None
 
 
-# --- /metrics -------------------------------------------------------------------------------------
+# --- the sweep: double, then bisect -----------------------------------------------------------------------
+
+def next_load(history: list[tuple[int, bool]], *, start: int, max_load: int) -> int | None:
+    """The next load to try, or None when the sweep is done: double from `start` while levels pass, then bisect
+    between the last that passed and the first that failed (loads are integers; done when they are adjacent)."""
+    if not history:
+        return start
+    passed = [load for load, ok in history if ok]
+    failed = [load for load, ok in history if not ok]
+    best = max(passed) if passed else None
+    worst = min((f for f in failed if best is None or f > best), default=None)
+    if worst is None:
+        if best is None:
+            return None
+        nxt = min(best * 2, max_load)
+        return nxt if nxt > best else None
+    if best is None:  # the first load already fails the SLO: no capacity
+        return None
+    if worst - best <= 1:
+        return None
+    return (best + worst) // 2
+
+
+def capacity_of(history: list[tuple[int, bool]]) -> int | None:
+    passed = [load for load, ok in history if ok]
+    failed = [load for load, ok in history if not ok]
+    good = [p for p in passed if not any(f <= p for f in failed)]
+    return max(good) if good else None
+
+
+# --- /metrics ----------------------------------------------------------------------------------------------
 
 def parse_metrics(text: str) -> dict[str, Any]:
-    """The four operator signals from a Prometheus text page (summed over label sets)."""
+    """The operator signals from a Prometheus text page (summed over label sets)."""
     out: dict[str, Any] = {"kv_cache_usage_perc": None, "num_requests_waiting": None, "num_requests_running": None,
                            "queue_time_sum": None, "queue_time_count": None, "queue_time_buckets": {}}
     for fam in text_string_to_metric_families(text):
@@ -120,8 +193,9 @@ def histogram_bound(q: float, buckets: dict[float, float]) -> float | None:
     return min(b for b, c in buckets.items() if c >= q * total)
 
 
-def summarize_scrapes(first: dict[str, Any], scrapes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Peak/mean of the gauges over a level, and the queue-time histogram of just that level's requests."""
+def summarize_scrapes(first: dict[str, Any], scrapes: list[dict[str, Any]], growth: float = 2.0) -> dict[str, Any]:
+    """Peak/mean of the gauges over a level, the queue-time histogram of just that level's requests, and
+    whether queue time was growing across it (its last third's mean over its first third's, x `growth`)."""
     def series(name: str) -> list[float]:
         return [s[name] for s in scrapes if s.get(name) is not None]
 
@@ -141,10 +215,27 @@ def summarize_scrapes(first: dict[str, Any], scrapes: list[dict[str, Any]]) -> d
         "p95_le": histogram_bound(0.95, delta) if n else None,
         "max_le": histogram_bound(1.0, delta) if n else None,
     }
+    out["queue_growing"] = queue_growing([first, *scrapes], growth)
     return out
 
 
-# --- SLO point, capacity and cost -----------------------------------------------------------------
+def queue_growing(scrapes: list[dict[str, Any]], growth: float) -> bool:
+    """Over-saturation: the mean queue time of the requests finishing in the level's last third exceeds
+    `growth` x that of its first third (and 10 ms: noise on an idle queue is not growth)."""
+    pts = [(s.get("queue_time_sum") or 0.0, s.get("queue_time_count") or 0.0) for s in scrapes]
+    if len(pts) < 6:
+        return False
+    third = len(pts) // 3
+
+    def mean(a: tuple[float, float], b: tuple[float, float]) -> float | None:
+        dn = b[1] - a[1]
+        return (b[0] - a[0]) / dn if dn > 0 else None
+
+    early, late = mean(pts[0], pts[third]), mean(pts[-third - 1], pts[-1])
+    return early is not None and late is not None and late > max(growth * early, 0.010)
+
+
+# --- SLO, capacity, ratio, cost ------------------------------------------------------------------------------
 
 def meets_slo(level: dict[str, Any], slo: SLO) -> bool:
     ttft, itl = level.get("p95_ttft_ms"), level.get("p95_itl_ms")
@@ -160,16 +251,47 @@ def cost_per_million(price_per_hour: float, output_tokens_per_s: float) -> float
     return price_per_hour / (output_tokens_per_s * 3600.0) * 1e6
 
 
-def slo_point(levels: list[dict[str, Any]], slo: SLO, price_per_hour: float) -> dict[str, Any] | None:
-    """Highest concurrency that meets the SLO, with its sustained throughput and cost; None if none does."""
-    ok = [lv for lv in levels if meets_slo(lv, slo)]
-    if not ok:
+def t_interval(values: list[float], level: float) -> tuple[float, float, float]:
+    """Mean and two-sided `level` Student-t interval of repeated measurements."""
+    from scipy.stats import t
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def capacity_summary(load: int | None, repeats: list[dict[str, Any]], *, price_per_hour: float, gpus: int,
+                     level: float, load_kind: str = "concurrency") -> dict[str, Any]:
+    """Capacity at the SLO: the load, its output tok/s over the repeated runs with an interval, and the cost
+    per 1M output tokens (price x GPUs) with the interval that implies."""
+    if load is None or not repeats:
+        return {"load": None, "load_kind": load_kind}
+    tps = [float(r["output_throughput"]) for r in repeats]
+    mean, lo, hi = t_interval(tps, level)
+    hourly = price_per_hour * max(gpus, 1)
+    cost = cost_per_million(hourly, mean)
+    return {"load": load, "load_kind": load_kind, "output_tokens_per_s": mean, "output_tokens_per_s_ci": [lo, hi],
+            "repeats": len(tps), "level": level, "gpus": gpus, "price_per_hour": hourly,
+            "usd_per_1m_output_tokens": cost,
+            "usd_per_1m_output_tokens_ci": [cost_per_million(hourly, hi) if hi > 0 else None,
+                                            cost_per_million(hourly, lo) if lo > 0 else None],
+            "requests_per_s": sum(float(r["request_throughput"]) for r in repeats) / len(repeats),
+            "max_num_seqs": load}
+
+
+def ratio_interval(pairs: list[tuple[float, float]], level: float) -> dict[str, Any] | None:
+    """Throughput ratio variant/reference from interleaved pairs (A B A B ...): each pair's log ratio, a t
+    interval over pairs (drift between pairs cancels within each), back-transformed."""
+    logs = [math.log(v / r) for r, v in pairs if r > 0 and v > 0]
+    if len(logs) < 2:
         return None
-    best = max(ok, key=lambda lv: lv["concurrency"])
-    tps = float(best["output_throughput"])
-    return {"concurrency": best["concurrency"], "output_tokens_per_s": tps,
-            "requests_per_s": float(best["request_throughput"]), "price_per_hour": price_per_hour,
-            "usd_per_1m_output_tokens": cost_per_million(price_per_hour, tps)}
+    mean, lo, hi = t_interval(logs, level)
+    return {"ratio": math.exp(mean), "low": math.exp(lo), "high": math.exp(hi), "level": level, "pairs": len(logs),
+            "per_pair": [v / r for r, v in pairs]}
 
 
 def max_sequences(kv_cache_tokens: int | None, context_len: int) -> float | None:
@@ -181,9 +303,54 @@ def max_sequences(kv_cache_tokens: int | None, context_len: int) -> float | None
 
 def price_for(config: BenchConfig, hardware: dict[str, Any]) -> tuple[str, float]:
     key = config.hardware
+    prices = config.prices.gpu_per_hour
     if key is None:
         gpu = str(hardware.get("gpu") or "")
-        key = next((k for k in config.prices if k != "cpu" and k.lower() in gpu.lower()), "cpu")
-    if key not in config.prices:
-        raise ConfigError(f"no price for hardware '{key}': add it under prices: in the bench config")
-    return key, config.prices[key]
+        key = next((k for k in sorted(prices, key=len, reverse=True) if k != "cpu" and k.lower() in gpu.lower()),
+                   "cpu")
+    if key not in prices:
+        raise ConfigError(f"no price for hardware '{key}': add it under prices.gpu_per_hour in the bench config")
+    return key, prices[key]
+
+
+def break_even(usd_per_1m_output: float | None, gpus: int, price_per_hour: float, prices: Prices,
+               output_tokens_per_s: float | None, in_out_ratio: float) -> dict[str, Any]:
+    """The monthly volume above which self-hosting beats the API, by the playbook's rule: API spend >
+    GPU spend + sre_fte x an SRE. GPU spend scales with the replicas the volume needs at capacity."""
+    if not output_tokens_per_s or output_tokens_per_s <= 0:
+        return {"monthly_output_tokens": None, "rule": "no capacity measured"}
+    api_per_out = prices.api_per_1m_output + in_out_ratio * prices.api_per_1m_input  # $ per 1M output tokens
+    per_replica_month = output_tokens_per_s * 3600 * 730  # output tokens one replica serves a month
+    gpu_month = price_per_hour * max(gpus, 1) * 730
+    sre_month = prices.sre_per_year * prices.sre_fte / 12
+    # volume V (1M output tokens): API = V x api; self-host = ceil(V / cap) x gpu_month + sre_month. Smallest V
+    # where API wins, scanning replica counts (the step function crosses the API line once per step at most)
+    for replicas in range(1, 10_000):
+        lo = (replicas - 1) * per_replica_month / 1e6
+        hi = replicas * per_replica_month / 1e6
+        self_host = replicas * gpu_month + sre_month
+        v = self_host / api_per_out if api_per_out > 0 else math.inf
+        if lo < v <= hi:
+            return {"monthly_output_tokens": v * 1e6, "replicas": replicas, "api_usd_per_1m_output_equiv": api_per_out,
+                    "gpu_usd_per_month_per_replica": gpu_month, "sre_usd_per_month": sre_month,
+                    "rule": f"API spend > GPU spend + {prices.sre_fte:g} SRE",
+                    "self_host_usd_per_1m_output_at_capacity": usd_per_1m_output}
+        if v <= lo:
+            break
+    return {"monthly_output_tokens": None, "rule": f"API spend > GPU spend + {prices.sre_fte:g} SRE",
+            "note": "self-hosting never costs less than the API at these prices"}
+
+
+def fit_table(weights_bytes: int | None, kv_bytes_per_token: int | None, context: int, concurrency: int | None,
+              tensor_parallel: int) -> list[dict[str, Any]]:
+    """Which GPUs hold the variant at the measured context and concurrency, memory only: weights plus KV for
+    `concurrency` sequences of `context` tokens, over 0.85 of each GPU x the TP size."""
+    if not weights_bytes or not kv_bytes_per_token:
+        return []
+    need = weights_bytes + kv_bytes_per_token * context * max(concurrency or 1, 1)
+    out = []
+    for g in GPUS.values():
+        have = g.memory_gib * 2**30 * 0.85 * tensor_parallel
+        out.append({"gpu": g.name, "memory_gib": g.memory_gib, "tensor_parallel": tensor_parallel,
+                    "need_bytes": need, "fits": need <= have, "label": "memory only"})
+    return out

@@ -1,9 +1,16 @@
 """Run lm-eval on one task against a served model (or transformers, for emulation/benchmarks) and turn
-its output into a TaskResult with per-item outcomes for paired comparison.
+its output into TaskResult fields with per-item outcomes for paired comparison.
 
 Log-likelihood tasks go through `local-completions` (prompt log-probs from vLLM, BOS added as the hf
-backend does: without it scores drift by up to ~1.3 nats); generative tasks through
-`local-chat-completions` with the chat template.
+backend does: without it scores drift by up to ~1.3 nats), with lm-eval's context limit set to the served
+context and every left-truncated request counted. Generative tasks go through `local-chat-completions`
+with the chat template; before any request is sent, each prompt plus its generation budget is checked
+against the served context (vLLM would otherwise clamp the budget silently: vllm/entrypoints/serve/utils/
+api_utils.py:188), and every response's finish_reason and token usage is recorded, so a task says how
+many generations stopped on their own, hit the budget, or a recorded CPU cap.
+
+A failure while lm-eval builds or scores the task is that task's (`TaskFailure`); a failure in parsing
+lm-eval's output is a tool error (exit 1), never a score.
 """
 
 from __future__ import annotations
@@ -12,62 +19,115 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evals import emulation
-from qgcore.errors import ConfigError, did_you_mean
+from qgcore.errors import ConfigError, ToolError, did_you_mean
 
 log = logging.getLogger("quantgate.eval")
 _PRIMARY = ("acc", "exact_match", "bits_per_byte", "acc_norm", "f1", "bleu")
 _LN2 = math.log(2)
 _LETTERS = "ABCDEFGHIJKLMNOP"
+# requests in flight: vLLM batches them, so a GPU wants many; two CPU cores gain nothing past a few
+CONCURRENCY = {("cpu", False): 4, ("cpu", True): 4, ("cuda", False): 32, ("cuda", True): 128}
 
 
-def task_manager(include_paths: list[Path]):  # noqa: ANN201
-    from lm_eval.tasks import TaskManager
+class TaskFailure(Exception):
+    """A task could not be scored (its requests errored, its data failed to load, it does not fit the
+    served context): that task fails with this reason and code; the variant keeps its other tasks."""
 
-    return TaskManager(include_path=[str(p) for p in include_paths])
-
-
-def check_tasks(tasks: list[str], tm) -> None:  # noqa: ANN001
-    known = set(tm.all_tasks)
-    for t in tasks:
-        if t not in known:
-            names = sorted(k for k in known if not k.startswith("_"))
-            raise ConfigError(did_you_mean(t, names, "task") + " (lm-eval tasks, plus --include-path folders)")
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
 
 
-def model_args_for_server(base_url: str, served_name: str, tokenizer: str, generative: bool) -> tuple[str, dict]:
-    if generative:
-        return "local-chat-completions", {
-            "base_url": f"{base_url}/chat/completions", "model": served_name, "num_concurrent": 4,
-            "max_retries": 2, "tokenizer_backend": None, "tokenized_requests": False, "timeout": 600,
-        }
-    return "local-completions", {
-        "base_url": f"{base_url}/completions", "model": served_name, "tokenizer": tokenizer,
-        "tokenizer_backend": "huggingface", "add_bos_token": True, "num_concurrent": 4, "batch_size": 8,
-        "max_retries": 2, "tokenized_requests": True, "max_length": 2048, "timeout": 600,
-    }
+class TaskIndex:
+    """lm-eval's task index, built only when something must be scored (its build walks ~14k YAMLs: 12 s)."""
+
+    def __init__(self, include_paths: list[Path]):
+        self.include_paths = include_paths
+        self._tm: Any = None
+
+    @property
+    def tm(self) -> Any:
+        if self._tm is None:
+            from lm_eval.tasks import TaskManager
+
+            self._tm = TaskManager(include_path=[str(p) for p in self.include_paths])
+        return self._tm
+
+    def check(self, tasks: list[str]) -> None:
+        known = set(self.tm.all_tasks)
+        for t in tasks:
+            if t not in known:
+                names = sorted(k for k in known if not k.startswith("_"))
+                raise ConfigError(did_you_mean(t, names, "task") + " (lm-eval tasks, plus --include-path folders)")
+
+    def config(self, task: str) -> dict[str, Any]:
+        """A task's config from the index without loading data (a group is described by its first subtask)."""
+        entry = self.tm.task_index[task]
+        cfg = dict(entry.cfg or {})
+        if "output_type" not in cfg and isinstance(cfg.get("task"), list) and cfg["task"]:
+            first = cfg["task"][0]
+            if isinstance(first, str) and first in self.tm.task_index:
+                cfg = dict(self.tm.task_index[first].cfg or {})
+        return cfg
+
+    def items(self, task: str, limit: int | None) -> list[str]:
+        """Every item id the task scores (doc ids as the samples name them), loading its data once."""
+        loaded = self.tm.load([task])["tasks"]
+        ids = []
+        for sub in sorted(loaded):
+            n = len(loaded[sub].eval_docs)
+            n = min(n, limit) if limit is not None else n
+            ids += [str(i) if sub == task else f"{sub}:{i}" for i in range(n)]
+        return ids
 
 
-def model_args_for_hf(checkpoint: str, *, cuda: bool = False) -> tuple[str, dict]:
-    # bfloat16 as vLLM serves it; compressed-tensors also decompresses NVFP4 only into the checkpoint dtype
-    return "hf", {"pretrained": checkpoint, "dtype": "bfloat16", "device": "cuda" if cuda else "cpu", "batch_size": 8}
+def subset(task: str, ids: list[str]) -> dict[str, list[int]]:
+    """lm-eval's `samples` argument for these item ids: per leaf task, sorted unique indices (sorted, or the
+    logged doc_id points at the wrong document: lm_eval/evaluator.py:637)."""
+    out: dict[str, set[int]] = {}
+    for i in ids:
+        sub, _, idx = i.rpartition(":")
+        out.setdefault(sub or task, set()).add(int(idx))
+    return {k: sorted(v) for k, v in out.items()}
 
 
-def batched_rolling_completions(model_args: dict[str, Any]) -> Any:
-    """lm-eval's `local-completions` client, except that a rolling log-likelihood task (perplexity) sends the
-    windows of *all* documents through one batched, concurrent call instead of one document at a time.
+@dataclass(frozen=True)
+class Endpoint:
+    """How to reach the scoring engine: a vLLM server, or transformers (emulation)."""
 
-    The windows are the ones lm-eval itself builds (utils.get_rolling_token_windows), and each document's
-    log-likelihood is their sum, so scores are identical; only the request schedule changes (the server sees
-    `batch_size` x `num_concurrent` requests in flight instead of one).
-    """
+    base_url: str | None  # None: transformers
+    served_name: str
+    checkpoint: str  # also the tokenizer
+    context: int  # the served max_model_len
+    platform: str  # cpu | cuda
+    gen_cap: int | None = None  # a recorded CPU-only cap on generated tokens, identical for every variant
+
+
+def _completions_class() -> Any:
     from lm_eval import utils
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    class BatchedRolling(LocalCompletionsAPI):  # type: ignore[misc]
+    class Completions(LocalCompletionsAPI):  # type: ignore[misc]
+        """lm-eval's `local-completions`, except that (1) a rolling log-likelihood task (perplexity) sends the
+        windows of *all* documents through one batched, concurrent call (lm-eval's own windows: identical
+        scores), and (2) every request lm-eval left-truncates to the context is counted."""
+
+        truncated = 0
+        requests = 0
+
+        def batch_loglikelihood_requests(self, chunks: Any) -> Any:
+            chunks = [list(c) for c in chunks]
+            for chunk in chunks:
+                for _key, ctx, cont in chunk:
+                    self.requests += 1
+                    self.truncated += len(ctx) + len(cont) > self.max_length
+            return super().batch_loglikelihood_requests(chunks)
+
         def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
             windows, owner = [], []
             for i, (text,) in enumerate(req.args for req in requests):
@@ -82,32 +142,146 @@ def batched_rolling_completions(model_args: dict[str, Any]) -> Any:
                 totals[i] += ll
             return totals
 
-    return BatchedRolling(**model_args)
+    return Completions
 
 
-def run_task(*, task: str, tm, lm: str, model_args: dict, limit: int | None, seed: int,  # noqa: ANN001
-             samples_path: Path, generative: bool) -> dict[str, Any]:
-    """One lm-eval `simple_evaluate` call; returns the parsed TaskResult fields."""
+def _chat_class() -> Any:
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    class Chat(LocalChatCompletion):  # type: ignore[misc]
+        """lm-eval's `local-chat-completions`, checking every prompt + budget against the served context
+        before sending anything, and recording how each generation ended (finish_reason, usage)."""
+
+        def __init__(self, *args: Any, quantgate_tokenizer: str, quantgate_context: int, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            from transformers import AutoTokenizer
+
+            self.qg_tok = AutoTokenizer.from_pretrained(quantgate_tokenizer)
+            self.qg_context = quantgate_context
+            self.qg_stats: dict[str, Any] = {"requests": 0, "finish": {}, "completion_tokens": 0,
+                                             "max_completion_tokens": 0, "max_prompt_tokens": 0, "budget": None}
+            self.qg_lengths: list[int] = []
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            budgets = {int(r.args[1].get("max_gen_toks", self._max_gen_toks)) for r in requests}
+            budget = max(budgets)
+            longest, over = 0, 0
+            for r in requests:
+                n = len(self.qg_tok.apply_chat_template(json.loads(r.args[0].prompt), add_generation_prompt=True,
+                                                        tokenize=True))
+                longest = max(longest, n)
+                over += n + budget > self.qg_context
+            self.qg_stats |= {"budget": budget, "max_prompt_tokens": longest}
+            if over:
+                raise TaskFailure("failed:context",
+                                  f"{over} of {len(requests)} prompts (up to {longest} tokens) plus the generation "
+                                  f"budget {budget} exceed the served context {self.qg_context}: serve a longer "
+                                  "context (--max-model-len, up to the model's own) or lower the budget")
+            return super().generate_until(requests, disable_tqdm)
+
+        def parse_generations(self, outputs: Any, **kwargs: Any) -> list[str]:
+            for out in outputs if isinstance(outputs, list) else [outputs]:
+                if not isinstance(out, dict):
+                    continue
+                usage = out.get("usage") or {}
+                for ch in out.get("choices") or []:
+                    reason = str(ch.get("finish_reason"))
+                    self.qg_stats["requests"] += 1
+                    self.qg_stats["finish"][reason] = self.qg_stats["finish"].get(reason, 0) + 1
+                done = int(usage.get("completion_tokens") or 0)
+                self.qg_lengths.append(done)
+                self.qg_stats["completion_tokens"] += done
+                self.qg_stats["max_completion_tokens"] = max(self.qg_stats["max_completion_tokens"], done)
+                self.qg_stats["max_prompt_tokens"] = max(self.qg_stats["max_prompt_tokens"],
+                                                         int(usage.get("prompt_tokens") or 0))
+            return super().parse_generations(outputs, **kwargs)
+
+    return Chat
+
+
+def make_model(ep: Endpoint, generative: bool) -> tuple[Any, dict[str, Any]]:
+    """The lm-eval model object (or name) and its args for one endpoint."""
+    if ep.base_url is None:
+        emulation.install()
+        # bfloat16 as vLLM serves it; compressed-tensors also decompresses NVFP4 only into the checkpoint dtype
+        return "hf", {"pretrained": ep.checkpoint, "dtype": "bfloat16",
+                      "device": "cuda" if ep.platform == "cuda" else "cpu", "batch_size": 8}
+    concurrent = CONCURRENCY[(ep.platform, generative)]
+    if generative:
+        args = {"base_url": f"{ep.base_url}/chat/completions", "model": ep.served_name, "num_concurrent": concurrent,
+                "max_retries": 2, "tokenizer_backend": None, "tokenized_requests": False, "timeout": 3600}
+        return _chat_class()(**args, quantgate_tokenizer=ep.checkpoint, quantgate_context=ep.context), args
+    args = {"base_url": f"{ep.base_url}/completions", "model": ep.served_name, "tokenizer": ep.checkpoint,
+            "tokenizer_backend": "huggingface", "add_bos_token": True, "num_concurrent": concurrent,
+            "batch_size": 8 if ep.platform == "cpu" else 32, "max_retries": 2, "tokenized_requests": True,
+            "max_length": ep.context, "timeout": 3600}
+    return _completions_class()(**args), args
+
+
+def run_task(*, task: str, tm: Any, endpoint: Endpoint, generative: bool, limit: int | None,
+             items: dict[str, list[int]] | None, seed: int, samples_path: Path) -> dict[str, Any]:
+    """One lm-eval `simple_evaluate` call (all of a task's items up to `limit`, or exactly `items`: per leaf
+    task, sorted indices); returns the parsed TaskResult fields. Raises TaskFailure for the task's own
+    failure, ToolError for a failure parsing what lm-eval returned."""
     import lm_eval
 
     started = time.perf_counter()
-    if lm == "hf":
-        emulation.install()
-    model: Any = batched_rolling_completions(model_args) if lm == "local-completions" else lm
-    out = lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=[task], limit=limit, log_samples=True, task_manager=tm,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        bootstrap_iters=200, apply_chat_template=generative, verbosity="WARNING",
-    )
+    model, args = make_model(endpoint, generative)
+    gen_kwargs = {"max_gen_toks": endpoint.gen_cap} if generative and endpoint.gen_cap else None
+    try:
+        out = lm_eval.simple_evaluate(
+            model=model, model_args=args if isinstance(model, str) else None, tasks=[task], limit=None if items else limit, samples=items, log_samples=True,
+            task_manager=tm, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed, bootstrap_iters=200, apply_chat_template=generative, verbosity="WARNING",
+            gen_kwargs=gen_kwargs,
+        )
+    except TaskFailure:
+        raise
+    except Exception as err:  # lm-eval building or scoring this task: the task's failure, with the cause
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise TaskFailure("failed:scoring", f"lm-eval failed on {task}: {type(err).__name__}: {first}") from err
     wall = time.perf_counter() - started
-    if out is None:
-        raise RuntimeError("lm-eval returned no results")
-    samples = group_samples(task, out["samples"])
+    try:
+        if out is None:
+            raise ValueError("lm-eval returned no results")
+        samples = group_samples(task, out["samples"])
+        fields = parse_results(task, out, samples)
+    except Exception as err:
+        raise ToolError(f"parsing lm-eval's output for {task} failed: {type(err).__name__}: {err} "
+                        "(a quantgate bug: please report it with the run folder)") from err
     samples_path.parent.mkdir(parents=True, exist_ok=True)
-    with samples_path.open("w") as fh:
+    with samples_path.open("a" if items else "w") as fh:
         for s in samples:
             fh.write(json.dumps(s, default=str) + "\n")
-    return parse_results(task, out, samples) | {"wall_seconds": round(wall, 2)}
+    if generative and endpoint.base_url is not None:
+        fields["generation"] = _generation_summary(model, out, task, endpoint)
+    elif not generative and endpoint.base_url is not None:
+        fields["prompts"] = {"requests": int(model.requests), "truncated": int(model.truncated),
+                             "context": endpoint.context}
+    return fields | {"wall_seconds": round(wall, 2)}
+
+
+def _generation_summary(model: Any, out: dict, task: str, ep: Endpoint) -> dict[str, Any]:
+    st = model.qg_stats
+    budget = st["budget"]
+    own = _task_budget(out, task)
+    lengths = model.qg_lengths
+    at_budget = sum(1 for n in lengths if budget and n >= budget)
+    length_ended = st["finish"].get("length", 0)
+    return {"requests": st["requests"], "finish_reasons": dict(st["finish"]), "budget": budget,
+            "task_budget": own, "cap": ep.gen_cap if ep.gen_cap and own and ep.gen_cap < own else None,
+            "hit_budget": at_budget, "cut_by_context": max(length_ended - at_budget, 0),
+            "completion_tokens": st["completion_tokens"], "max_completion_tokens": st["max_completion_tokens"],
+            "max_prompt_tokens": st["max_prompt_tokens"], "context": ep.context}
+
+
+def _task_budget(out: dict, task: str) -> int | None:
+    for name, cfg in (out.get("configs") or {}).items():
+        if name == task or name.startswith(f"{task}_") or task in name:
+            gk = cfg.get("generation_kwargs") or {}
+            if "max_gen_toks" in gk:
+                return int(gk["max_gen_toks"])
+    return None
 
 
 def group_samples(task: str, by_task: dict[str, list[dict]]) -> list[dict]:
@@ -123,7 +297,7 @@ def parse_results(task: str, out: dict, samples: list[dict]) -> dict[str, Any]:
     names = [k.split(",")[0] for k in metrics]
     primary = next((p for p in _PRIMARY if p in names), names[0] if names else None)
     if primary is None:
-        raise RuntimeError(f"lm-eval gave no metric for {task}")
+        raise ValueError(f"lm-eval gave no metric for {task}")
     key = _primary_key(metrics, primary)
     filt = key.split(",", 1)[1] if "," in key else None
     # lm-eval logs one sample per (document, filter): keep only the scored filter's, or items would mix filters

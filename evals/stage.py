@@ -1,386 +1,459 @@
-"""The eval stage: for bf16 and each checkpoint, one vLLM server scores every task; then paired
-comparisons against bf16 on identical items are written into each variant's eval.json.
+"""The eval stage: each variant served by vLLM (the reference first) scores every task on the same items;
+eval.json and divergence.json record what happened, by status code, for the gate and the report.
 
-Resumable per (checkpoint, task): each finished pair is saved under `<variant>/eval/<task>.json` with
-a content key (checkpoint key, task hash, limit, seed, lm-eval/vLLM versions, server flags) and reused
-when the key matches, so bf16 is scored once and a rerun after Ctrl-C redoes only unfinished pairs.
-A server that will not start or dies marks that variant failed (with vLLM's last log lines); the
-other variants still run and the exit code is 9.
+Work is planned in rounds of *sessions* (a server up, some tasks scored, the server down), always from
+what is on disk: every (checkpoint, task) result is saved under a content key (checkpoint, task hash,
+limit, seed, engine, server flags and environment, lm-eval/vLLM versions) the moment it is scored, so the
+reference is scored once, a rerun redoes only what is missing, and the local loop and the Ray executor
+(quantgate.cells) run the same plan.
+
+Group-sequential tasks (binary, at least `quality.sequential.min_items` items; `--fixed-n` turns it off)
+are scored look by look in a seeded order recorded in the result; after each round every variant's task is
+tested against the Lan–DeMets boundaries at its stopping level (qgcore.stats.settle) and stops when settled;
+the reference is scored only as far as some variant still needs. A variant whose checkpoint lies is
+`failed:checkpoint`; one the platform has no kernel for is `unsupported on <platform>` before any server
+starts (qgcore.kernels), and scored through transformers if asked (`emulated`); a server that will not
+start or dies is `failed:start` / `failed:crash` with vLLM's last lines; a task that errors fails on its
+own and the variant keeps the rest.
 """
 
 from __future__ import annotations
 
-import json
+import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from evals import divergence, emulation
-from evals.quality import check_tasks, model_args_for_hf, model_args_for_server, run_task, task_manager
-from evals.serve import ServerError, VllmServer, on_cuda
-from evals.tasks import (
-    BUILTIN_TASKS,
-    DEFAULT_TASKS,
-    build_builtin_suite,
-    dataset_skip_reason,
-    task_info,
-    user_task_hash,
+from evals import divergence
+from evals.quality import TaskIndex
+from evals.scoring import (
+    SEED,
+    SessionResult,
+    TaskSpec,
+    Variant,
+    Work,
+    cached_topk,
+    divergence_error,
+    divergence_key,
+    preflight_reason,
+    score_session,
 )
-from evals.variants import checkpoint_key, variant_manifests, vllm_version
+from evals.tasks import BUILTINS, build_builtin_suite, dataset_skip_reason, default_tasks, task_info, user_task_hash
+from evals.variants import variant_manifests
 from qgcore import provenance
-from qgcore.artifacts import CheckpointManifest, DivergenceRun, EvalRun, TaskResult, quantization_summary
-from qgcore.divergence import TOPK_METHOD, TopK, summarize
+from qgcore.artifacts import DivergenceRun, EvalRun, TaskResult
+from qgcore.divergence import TOPK_METHOD, summarize
 from qgcore.errors import EXIT_OK, EXIT_PARTIAL, ArtifactError
 from qgcore.hashing import content_key
-from qgcore.paths import CACHE_DIR, slug_for
-from qgcore.serving import ServeConfig
-from qgcore.stats import compare_runs
-from qgcore.vocab import EMULATED
-
-SEED = 0
-
-
-def pair_key(manifest: CheckpointManifest, task: str, task_hash: str, limit: int | None, engine: str,
-             flags: list[str]) -> str:
-    return content_key({"ckpt": checkpoint_key(manifest), "task": task, "task_hash": task_hash, "limit": limit,
-                        "seed": SEED, "engine": engine, "flags": flags,
-                        "versions": provenance.versions(("lm_eval",)) | {"vllm": vllm_version()}})
+from qgcore.quality import QualityPolicy
+from qgcore.run import RunContext
+from qgcore.sequential import equal_looks
+from qgcore.stats import SequentialSpec, look_statistics, settle
+from qgcore.vocab import EMULATED, failed
 
 
-def config_mismatch(checkpoint: Path, manifest: CheckpointManifest) -> str | None:
-    """Why the checkpoint's config.json no longer says what the manifest recorded (None if it does): a
-    checkpoint whose quantization_config lies must fail, not be served as something else."""
-    try:
-        config = json.loads((checkpoint / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        return f"{checkpoint / 'config.json'} unreadable: {type(err).__name__}: {err}"
-    if quantization_summary(config) != manifest.quantization:
-        return (f"{checkpoint / 'config.json'}: quantization_config disagrees with the manifest "
-                f"(manifest {manifest.quantization}; config {quantization_summary(config)})")
-    return None
+@dataclass(frozen=True)
+class Stopping:
+    """The quality promise the eval stage stops by: the gate's policy and the run's declared family size."""
 
+    quality: QualityPolicy
+    k: int  # declared variants (run.json): each is stopped at alpha / k, its first Holm level
+    fixed_n: bool = False  # --fixed-n: every task at its full n
 
-class _Plan:
-    """Everything one variant needs to score its tasks with one engine."""
+    @property
+    def on(self) -> bool:
+        return self.quality.sequential.enabled and not self.fixed_n
 
-    def __init__(self, manifest: CheckpointManifest, run_dir: Path, engine: str):
-        self.manifest, self.engine = manifest, engine
-        self.vdir = run_dir / manifest.recipe
-        self.checkpoint = self.vdir / manifest.checkpoint_dir
-        self.cfg = ServeConfig.from_spec(manifest.serve, scoring=True)
-        sub = "eval" if engine == "vllm" else "eval-emulated"
-        self.result_dir, self.samples_dir = self.vdir / sub, self.vdir / sub / "samples"
-
-    def server(self) -> VllmServer:
-        return VllmServer(self.checkpoint, name=self.manifest.recipe, log_path=self.vdir / "logs" / "eval-server.log",
-                          config=self.cfg, scheme=self.manifest.recipe_spec["quant"]["scheme"])
-
-    def flags(self) -> list[str]:
-        # the flags the server really gets here (GPU and CPU differ), so cache keys and provenance match
-        if self.engine == "vllm":  # thread settings can move the last digits of a log-prob: part of the key
-            return self.cfg.args(cuda=on_cuda()) + [f"{k}={v}" for k, v in self.cfg.env(on_cuda()).items()]
-        return ["hf", "bfloat16", "cuda" if on_cuda() else "cpu", emulation.FP4_ROUNDING]
-
-    def cached(self, task: str, key: str) -> TaskResult | None:
-        path = self.result_dir / f"{task}.json"
-        if not path.is_file():
-            return None
-        try:
-            res = TaskResult.read(path)
-        except ArtifactError:
-            return None
-        return res if res.key == key and res.status in ("ok", "skipped") else None
-
-    def save(self, res: TaskResult) -> None:
-        self.result_dir.mkdir(parents=True, exist_ok=True)
-        res.write(self.result_dir / f"{res.task}.json")
-
-
-def _score_tasks(plan: _Plan, tasks: list[str], keys: dict[str, str], hashes: dict[str, str],
-                 sources: dict[str, str], skips: dict[str, str], tm, limit: int | None,  # noqa: ANN001
-                 server: VllmServer | None, generative: dict[str, bool]) -> dict[str, TaskResult]:
-    out: dict[str, TaskResult] = {}
-    for task in tasks:
-        base = {"key": keys[task], "task": task, "engine": plan.engine, "task_hash": hashes[task],
-                "source": sources.get(task), "limit": limit}
-        if task in skips:
-            res = TaskResult(status="skipped", reason=skips[task], **base)
-        else:
-            gen = generative[task]
-            if server is not None:
-                lm, margs = model_args_for_server(server.base_url, plan.manifest.recipe, str(plan.checkpoint), gen)
-            else:
-                lm, margs = model_args_for_hf(str(plan.checkpoint), cuda=on_cuda())
-            try:
-                fields = run_task(task=task, tm=tm, lm=lm, model_args=margs, limit=limit, seed=SEED,
-                                  samples_path=plan.samples_dir / f"{task}.jsonl", generative=gen)
-            except Exception as err:
-                if server is not None and not server.alive():
-                    raise server._error(f"vLLM died while scoring {task}") from None
-                raise RuntimeError(f"lm-eval failed on {task}: {type(err).__name__}: {err}") from None
-            res = TaskResult(status="ok", **base, **fields)
-        plan.save(res)
-        out[task] = res
-    return out
-
-
-class _Divergence:
-    """This stage's divergence documents and where each variant's top-k log-probs are cached."""
-
-    def __init__(self, dset: divergence.DivergenceSet, max_model_len: int):
-        self.dset, self.max_model_len = dset, max_model_len
-
-    def key(self, plan: _Plan) -> str:
-        return content_key({"ckpt": checkpoint_key(plan.manifest), "docs": self.dset.key, "k": divergence.TOP_K,
-                            "engine": plan.engine, "flags": plan.flags(), "vllm": vllm_version()})
-
-    def path(self, plan: _Plan) -> Path:
-        return plan.result_dir / "divergence-topk.npz"
-
-    def cached(self, plan: _Plan) -> list[TopK] | None:
-        got = divergence.load(self.path(plan), self.key(plan))
-        return got[0] if got else None
-
-    def fetch(self, plan: _Plan, server: VllmServer | None) -> None:
-        started = time.perf_counter()
-        if server is not None:
-            docs = divergence.server_topk(server.url, plan.manifest.recipe, self.dset)
-        else:
-            docs = divergence.hf_topk(plan.checkpoint, self.dset, device="cuda" if on_cuda() else "cpu")
-        divergence.save(self.path(plan), self.key(plan), docs,
-                        {"engine": plan.engine, "seconds": round(time.perf_counter() - started, 2)})
-
-
-def _work(plan: _Plan, tasks: list[str], hashes: dict, skips: dict, limit: int | None, force: bool,
-          div: _Divergence | None) -> tuple[dict[str, str], dict[str, TaskResult], list[str], bool, str | None]:
-    """Cache keys, cached results, tasks still to score, whether divergence is still needed, and why the
-    checkpoint cannot be scored at all (a config that disagrees with its manifest)."""
-    keys = {t: pair_key(plan.manifest, t, hashes[t], limit, plan.engine, plan.flags()) for t in tasks}
-    done = {} if force else {t: r for t in tasks if (r := plan.cached(t, keys[t])) is not None}
-    pending = [t for t in tasks if t not in done]
-    need_div = div is not None and (force or div.cached(plan) is None)
-    mismatch = config_mismatch(plan.checkpoint, plan.manifest) if pending or need_div else None
-    if mismatch:
-        return keys, done, [], False, mismatch
-    return keys, done, [t for t in pending if t not in skips], need_div, None
-
-
-def _eval_variant(plan: _Plan, tasks: list[str], hashes: dict, sources: dict, skips: dict, tm,  # noqa: ANN001
-                  limit: int | None, force: bool, generative: dict[str, bool],
-                  div: _Divergence | None = None, server: VllmServer | None = None) -> EvalRun:
-    """`server`: this variant's server if it was launched early (EvalContext.launch); stopped here either way."""
-    started = time.perf_counter()
-    keys, done, scored, need_div, mismatch = _work(plan, tasks, hashes, skips, limit, force, div)
-    server_info: dict = {}
-    tail: list[str] = []
-    status, reason = ("failed", mismatch) if mismatch else ("ok", None)
-    skipped = [t for t in tasks if t not in done and t in skips and not mismatch]
-    done |= _score_tasks(plan, skipped, keys, hashes, sources, skips, tm, limit, None, generative)
-    if server is not None and not ((scored or need_div) and plan.engine == "vllm"):
-        server.stop()  # launched early, not needed after all
-    if (scored or need_div) and plan.engine == "vllm":
-        server = server or plan.server()
-        try:
-            with server:
-                server_info = server.provenance() | server.startup_info()
-                done |= _score_tasks(plan, scored, keys, hashes, sources, skips, tm, limit, server, generative)
-                if need_div and div is not None:
-                    div.fetch(plan, server)
-        except ServerError as err:
-            status = "unsupported" if err.unsupported else "failed"
-            reason = f"unsupported here: {err}" if err.unsupported else str(err)
-            tail = err.log_tail
-        except (RuntimeError, OSError) as err:
-            status, reason, tail = "failed", f"{type(err).__name__}: {err}", server.log_tail()
-    elif scored or need_div:
-        try:
-            done |= _score_tasks(plan, scored, keys, hashes, sources, skips, tm, limit, None, generative)
-            if need_div and div is not None:
-                div.fetch(plan, None)
-        except RuntimeError as err:
-            status, reason = "failed", str(err)
-    if not server_info and plan.engine == "vllm":
-        server_info = _previous_server_info(plan)  # all pairs cached: keep how they were served
-    return EvalRun(
-        variant=plan.manifest.recipe, status=status, reason=reason, engine=plan.engine,
-        manifest_key=plan.manifest.content_key, tasks={t: done[t] for t in tasks if t in done},
-        server=server_info, server_log_tail=tail,
-        provenance={"versions": provenance.versions(("lm_eval", "transformers", "torch")) | {"vllm": vllm_version()},
-                    "hardware": provenance.hardware(), "limit": limit, "seed": SEED, "flags": plan.flags(),
-                    "task_hashes": {t: hashes[t] for t in tasks}, "task_sources": sources},
-        wall_seconds=round(time.perf_counter() - started, 1),
-    )
-
-
-def divergence_run(plan: _Plan, ref: _Plan, div: _Divergence, run: EvalRun) -> DivergenceRun:
-    """The variant's top-k against bf16's through the same engine, summarised (or why there is none)."""
-    base = {"variant": plan.manifest.recipe, "engine": plan.engine, "reference_engine": ref.engine,
-            "key": content_key([div.key(plan), div.key(ref)]), "k": divergence.TOP_K, "method": TOPK_METHOD,
-            "source": div.dset.source, "n_docs": len(div.dset.docs), "max_model_len": div.max_model_len}
-    mine, theirs = div.cached(plan), div.cached(ref)
-    if mine is None or theirs is None:
-        who = "bf16" if theirs is None else plan.manifest.recipe
-        status = run.status if run.status in ("failed", "unsupported") else "failed"
-        return DivergenceRun(status=status, reason=f"no top-k log-probs for {who}: {run.reason or 'not scored'}",
-                             **base)
-    stats = summarize(theirs, mine, div.max_model_len)
-    return DivergenceRun(status="ok", overall=stats["overall"], by_depth=stats["by_depth"],
-                         doc_kl_mean=stats["doc_kl_mean"], **base)
-
-
-def _previous_server_info(plan: _Plan) -> dict:
-    path = plan.vdir / "eval.json"
-    try:
-        old = EvalRun.read(path) if path.is_file() else None
-    except ArtifactError:
-        return {}
-    return old.server if old and old.manifest_key == plan.manifest.content_key and old.engine == "vllm" else {}
-
-
-def add_comparisons(run: EvalRun, baseline: EvalRun) -> EvalRun:
-    """95% paired comparisons for display; the gate recomputes them at its family-wise level."""
-    return run.model_copy(update={"comparisons": compare_runs(run, baseline), "comparison_engine": baseline.engine})
-
-
-def _write_divergence(run_dir: Path, manifests: list[CheckpointManifest], name: str, run: EvalRun,
-                      div: _Divergence | None) -> None:
-    path = run_dir / name / "divergence.json"
-    if div is None:  # not asked for: an old file would describe other documents or another checkpoint
-        path.unlink(missing_ok=True)
-        return
-    engine = run.engine if run.engine == EMULATED else "vllm"
-    by_name = {m.recipe: m for m in manifests}
-    res = divergence_run(_Plan(by_name[name], run_dir, engine), _Plan(by_name["bf16"], run_dir, engine), div, run)
-    res.write(path)
-    o = res.overall
-    if res.status == "ok":
-        tqdm.write(f"quantgate: {name}: KL from bf16 mean {o['kl_mean']:.4f} p99 {o['kl_p99']:.4f}, "
-                   f"top-1 agreement {o['top1_agreement']:.3f} ({o['n_tokens']} tokens, {engine})")
+    def key(self) -> dict[str, Any] | None:
+        s = self.quality.sequential
+        return {"min_items": s.min_items, "looks": s.looks, "seed": s.order_seed} if self.on else None
 
 
 @dataclass
-class EvalContext:
-    """What scoring any variant of one run needs: tasks resolved, hashed and checked once."""
+class EvalRequest:
+    """What the user asked of the eval stage."""
 
-    run_dir: Path
-    manifests: list[CheckpointManifest]
-    tasks: list[str]
-    hashes: dict[str, str]
-    sources: dict[str, str]
-    skips: dict[str, str]
-    tm: Any
-    generative: dict[str, bool]
-    limit: int | None
-    force: bool
-    div: _Divergence | None
+    recipes: list[str] | None = None
+    tasks: list[str] | None = None
+    include_path: Path | None = None
+    limit: int | None = None
+    task_limits: dict[str, int | None] = field(default_factory=dict)  # per task (the demo's)
+    emulate: bool = False
+    force: bool = False
+    verify: bool = False
+    divergence_docs: int | None = None  # None: the stage default (evals.divergence.DEFAULT_DOCS)
+    divergence_data: str | None = None
+    divergence_tokens: int | None = None  # None: the platform's default, at most the served context
+    stopping: Stopping | None = None
+    demo: dict[str, Any] | None = None  # the demo sizing this request was filled with (recorded in eval.json)
 
-    def score(self, m: CheckpointManifest, engine: str = "vllm", server: VllmServer | None = None) -> EvalRun:
-        """Score one variant through `engine`, filling the per-(checkpoint, task) cache; writes no eval.json."""
-        return _eval_variant(_Plan(m, self.run_dir, engine), self.tasks, self.hashes, self.sources, self.skips,
-                             self.tm, self.limit, self.force, self.generative, self.div, server)
 
-    def launch(self, m: CheckpointManifest) -> VllmServer | None:
-        """Launch `m`'s vLLM server now, without waiting, if scoring it will need one: on CPU the previous
-        variant's scoring then overlaps this one's start-up (~30 s of mostly single-core imports). Not on a
-        GPU, where each server takes most of the card's memory."""
-        plan = _Plan(m, self.run_dir, "vllm")
-        if on_cuda():
+class EvalStage:
+    """The stage's inputs, resolved once: manifests, tasks, the (lazy) task index, divergence documents."""
+
+    def __init__(self, ctx: RunContext, req: EvalRequest, *, quiet: bool = False):
+        self.ctx, self.req, self.quiet = ctx, req, quiet
+        self.manifests = variant_manifests(ctx.run_dir, req.recipes, verify=req.verify)
+        self.reference = self.manifests[0].recipe
+        self.tasks = list(req.tasks or default_tasks())
+        if req.include_path is not None and not req.include_path.is_dir():
+            raise ArtifactError(f"--include-path {req.include_path} is not a folder of lm-eval task YAMLs")
+        self.suite = build_builtin_suite(ctx.cache_dir)
+        self.index = TaskIndex([self.suite.include_dir] + ([req.include_path] if req.include_path else []))
+        self.hashes = {t: self.suite.hashes.get(t) or user_task_hash(req.include_path, t) for t in self.tasks}
+        self.variants = {m.recipe: Variant(m, ctx) for m in self.manifests}
+        self._specs: dict[str, TaskSpec] = {}
+        self._checked = False
+        self.failures: dict[str, SessionResult] = {}  # variant -> its failed session (this invocation)
+        self.sessions: dict[str, list[SessionResult]] = {}
+        self.preflight = {n: preflight_reason(v) for n, v in self.variants.items()}
+        st = req.stopping
+        # sequential only where the run declares something to compare with; the settings are in every task key
+        self.settings = st.key() if st is not None and st.k >= 1 else None
+        # declared variants this stage does not score (a Ray cell scores one): the reference scores every
+        # sequential task's first look for them
+        self.absent = max((st.k if st else 0) - (len(self.variants) - 1), 0)
+        docs = divergence.DEFAULT_DOCS if req.divergence_docs is None else req.divergence_docs
+        self.div: divergence.DivergenceSet | None = None
+        if docs > 0:
+            ref = self.variants[self.reference]
+            tokens = divergence.doc_tokens_for(ctx.platform.kind, ref.config.max_model_len, req.divergence_tokens)
+            tok_key = content_key({f: r["sha256"] for f, r in ref.manifest.files.items() if "token" in f})
+            self.div = divergence.build_set(ref.checkpoint, n_docs=docs, doc_tokens=tokens, data=req.divergence_data,
+                                            cache_dir=ctx.cache_dir, tokenizer_key=tok_key)
+
+    # ---- tasks ----
+
+    def limit_of(self, task: str) -> int | None:
+        return self.req.task_limits.get(task, self.req.limit)
+
+    def key_spec(self, task: str, engine: str = "vllm") -> TaskSpec:
+        """What a cache key needs, known without loading any data (emulation is always at fixed n)."""
+        return TaskSpec(task, self.hashes[task], self.suite.sources.get(task), self.limit_of(task),
+                        settings=self.settings if engine == "vllm" else None)
+
+    def spec(self, task: str) -> TaskSpec:
+        """The task as it will be scored from scratch (needs lm-eval's index: built only now)."""
+        if task not in self._specs:
+            if not self._checked:
+                self.index.check(self.tasks)
+                self._checked = True
+            info = task_info(self.index.config(task))
+            skip = None if task in BUILTINS else dataset_skip_reason(task, info)
+            if skip and not self.quiet:
+                tqdm.write(f"quantgate: skipping {task}: {skip}")
+            spec = replace(self.key_spec(task), generative=info.generative, skip=skip)
+            st = self.req.stopping
+            if skip is None and st is not None and self.settings is not None and \
+                    info.output_type in ("multiple_choice", "generate_until"):
+                ids = self.index.items(task, self.limit_of(task))
+                seq = st.quality.sequential
+                if len(ids) >= seq.min_items:
+                    random.Random(f"{seq.order_seed}:{task}").shuffle(ids)
+                    spec = replace(spec, order=tuple(ids), looks=equal_looks(len(ids), seq.looks),
+                                   order_seed=seq.order_seed)
+            self._specs[task] = spec
+        return self._specs[task]
+
+    def spec_of(self, res: TaskResult) -> TaskSpec:
+        """A saved sequential result carries its own plan: continuing it needs no task index."""
+        seq = res.sequential or {}
+        return replace(self.key_spec(res.task), generative=res.generation is not None,
+                       order=tuple(seq.get("order", ())), looks=tuple(seq.get("looks", ())),
+                       order_seed=int(seq.get("order_seed", 0)))
+
+    def cached(self, name: str, task: str) -> TaskResult | None:
+        if self.req.force and not self.sessions.get(name):
+            return None  # --force: everything of a variant is rescored in its first session
+        return self.variants[name].cached(self.key_spec(task))
+
+    # ---- planning ----
+
+    def plan_round(self) -> list[Work]:
+        """The sessions to run next, the reference first; empty when everything is settled or done."""
+        works: dict[str, Work] = {}
+        ref_needs: dict[str, int] = {}  # sequential task -> how many looks the reference must have scored
+        for name, v in self.variants.items():
+            if self.preflight[name] is not None or name in self.failures:
+                continue
+            work = works.setdefault(name, Work(name, "vllm"))
+            for task in self.tasks:
+                res = self.cached(name, task)
+                if res is None:
+                    spec = self.spec(task)
+                    if spec.skip:
+                        v.save(TaskResult(key=v.key(spec), task=task, status="skipped:unreachable", reason=spec.skip,
+                                          engine=v.engine, task_hash=spec.task_hash, source=spec.source,
+                                          limit=spec.limit))
+                    elif not spec.sequential:
+                        work.tasks[task] = None
+                    elif name != self.reference:
+                        work.tasks[task] = 0
+                        ref_needs[task] = max(ref_needs.get(task, 0), 1)
+                    elif self.absent:
+                        ref_needs[task] = max(ref_needs.get(task, 0), 1)
+                elif name != self.reference and res.sequential is not None and res.status == "scored":
+                    mine = res.sequential["scored_looks"]
+                    ref = self.cached(self.reference, task)
+                    theirs = ref.sequential["scored_looks"] if ref is not None and ref.sequential else 0
+                    settled = self.settled(name, task) if theirs >= mine else None
+                    if res.sequential.get("settled") != settled:  # why scoring stopped (or None): recorded
+                        v.save(res.model_copy(update={"sequential": res.sequential | {"settled": settled}}))
+                    if theirs < mine:  # the reference must catch up before this variant is decided
+                        ref_needs[task] = max(ref_needs.get(task, 0), mine)
+                    elif settled is None and mine < len(res.sequential["looks"]):
+                        work.tasks[task] = mine
+                        ref_needs[task] = max(ref_needs.get(task, 0), mine + 1)
+            if self.div is not None and not self.sessions.get(name) and divergence_error(v) is None and \
+                    (self.req.force or cached_topk(v, self.div) is None):
+                work.divergence = True
+        ref_work = works.get(self.reference)
+        if ref_work is not None:  # the reference scores what some variant still needs, one look a round
+            for task, need in ref_needs.items():
+                res = self.cached(self.reference, task)
+                have = res.sequential["scored_looks"] if res is not None and res.sequential else 0
+                if have < need:
+                    ref_work.tasks[task] = have
+        return [w for w in works.values() if w]
+
+    def _own_decision(self, name: str, task: str) -> str | None:
+        """A variant's sequential task, tested at the last look both it and the reference scored: promote /
+        fail / futile at the variant's stopping level, or None (score on)."""
+        st = self.req.stopping
+        res, ref = self.cached(name, task), self.cached(self.reference, task)
+        if st is None or res is None or ref is None or res.sequential is None or ref.sequential is None:
             return None
-        _keys, _done, scored, need_div, mismatch = _work(plan, self.tasks, self.hashes, self.skips, self.limit,
-                                                          self.force, self.div)
-        return plan.server().launch() if (scored or need_div) and not mismatch else None
+        look = min(res.sequential["scored_looks"], ref.sequential["scored_looks"]) - 1
+        if look < 0:
+            return None
+        spec = SequentialSpec(list(res.sequential["order"]), list(res.sequential["looks"]),
+                              st.quality.sequential.spending, look)
+        m = self.variants[name].manifest
+        margin = st.quality.margin_for(m.family, res.metric or "acc", (m.recipe_spec.get("gate") or {}).get(
+            "quality_margin"))
+        base = {k: (v[0], v[1]) for k, v in ref.items.items()}
+        cand = {k: (v[0], v[1]) for k, v in res.items.items()}
+        try:
+            path = look_statistics(base, cand, spec, margin)
+        except KeyError:
+            return None  # an item one of them lacks: the gate calls the task inconclusive; nothing to settle
+        ids = spec.order[:spec.looks[look]]
+        disc = sum(1 for i in ids if base[i][0] != cand[i][0]) / max(len(ids), 1)
+        return settle(path, look=look, n_looks=len(spec.looks), discordance=disc, n_planned=spec.looks[-1],
+                      margin=margin, design=spec.design, alpha=st.quality.stopping_level(st.k),
+                      futility=st.quality.sequential.futility)
 
+    def settled(self, name: str, task: str) -> str | None:
+        """Why a variant's sequential task needs no more items: its own decision, or "variant" when another
+        of its sequential tasks already shows the variant cannot be promoted (every task must pass)."""
+        own = self._own_decision(name, task)
+        if own is not None:
+            return own
+        for other in self.tasks:
+            if other != task and self._own_decision(name, other) in ("fail", "futile"):
+                return "variant"
+        return None
 
-def prepare_eval(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
-                 include_path: Path | None, limit: int | None, force: bool = False, verify: bool = False,
-                 divergence_docs: int | None = None, divergence_data: str | None = None,
-                 quiet: bool = False) -> EvalContext:
-    run_dir = runs_root / slug_for(model)
-    manifests = variant_manifests(run_dir, recipes, verify=verify)
-    tasks = tasks or list(DEFAULT_TASKS)
-    if include_path is not None and not include_path.is_dir():
-        raise ArtifactError(f"--include-path {include_path} is not a folder of lm-eval task YAMLs")
-    suite = build_builtin_suite(CACHE_DIR)
-    tm = task_manager([suite.include_dir] + ([include_path] if include_path else []))
-    check_tasks(tasks, tm)
-    hashes = {t: suite.hashes.get(t) or user_task_hash(include_path, t) for t in tasks}
-    infos = {t: task_info(t, tm) for t in tasks}
-    generative = {t: infos[t].output_type == "generate_until" for t in tasks}
-    skips = {t: r for t in tasks if t not in BUILTIN_TASKS and (r := dataset_skip_reason(t, infos[t]))}
-    for t, r in skips.items():
-        if not quiet:
-            tqdm.write(f"quantgate: skipping {t}: {r}")
-    div = None
-    if divergence_docs is None:  # one home for the default: evals.divergence
-        divergence_docs = divergence.DEFAULT_DOCS
-    if divergence_docs > 0:  # documents tokenized once, with bf16's tokenizer (every variant shares it)
-        ref = _Plan(manifests[0], run_dir, "vllm")
-        div = _Divergence(divergence.build_set(ref.checkpoint, n_docs=divergence_docs,
-                                               max_model_len=ref.cfg.max_model_len, data=divergence_data),
-                          ref.cfg.max_model_len)
-    return EvalContext(run_dir, manifests, tasks, hashes, suite.sources, skips, tm, generative, limit, force, div)
+    # ---- running ----
 
-
-def run_eval_stage(*, model: str | None, recipes: list[str] | None, runs_root: Path, tasks: list[str] | None,
-                   include_path: Path | None, limit: int | None, emulate: bool, force: bool,
-                   verify: bool = False, divergence_docs: int | None = None,
-                   divergence_data: str | None = None, scored: dict[str, EvalRun] | None = None) -> int:
-    """Score every variant (bf16 first) and write eval.json + divergence.json. `scored`: variants already
-    scored through vLLM elsewhere (the Ray executor's cells): their results are used as they are."""
-    ctx = prepare_eval(model=model, recipes=recipes, runs_root=runs_root, tasks=tasks, include_path=include_path,
-                       limit=limit, force=force, verify=verify, divergence_docs=divergence_docs,
-                       divergence_data=divergence_data)
-    run_dir, manifests, div = ctx.run_dir, ctx.manifests, ctx.div
-    runs: dict[str, EvalRun] = {}
-    todo = [m for m in manifests if not (scored and m.recipe in scored)]
-    live: dict[str, VllmServer | None] = {}  # launched, not yet stopped
-    bar = tqdm(manifests, desc="eval", unit="variant")
-    try:
-        for m in bar:
-            bar.set_postfix_str(m.recipe)
-            if scored and m.recipe in scored:
-                runs[m.recipe] = scored[m.recipe]
-            else:
-                live[m.recipe] = server = live.pop(m.recipe, None) or ctx.launch(m)
-                after = todo[todo.index(m) + 1:]
-                if after:  # the next variant's server starts while this one scores
-                    live[after[0].recipe] = ctx.launch(after[0])
-                runs[m.recipe] = ctx.score(m, server=server)  # stops its server
-                live.pop(m.recipe, None)
-            r = runs[m.recipe]
-            summary = ", ".join(f"{t}={x.value:.4f}" for t, x in r.tasks.items() if x.value is not None)
-            tqdm.write(f"quantgate: {m.recipe}: {r.status} in {r.wall_seconds:.0f}s {summary} "
-                       f"{r.reason or ''}".rstrip())
-    finally:  # Ctrl-C or an error: no server outlives the stage
-        for s in live.values():
-            if s is not None:
+    def run_local(self, progress: Callable[[str], None] | None = None) -> None:
+        """Every round in this process. On CPU the next session's server launches while one scores, and the
+        servers a later round needs stay up between rounds (as many as RAM allows, the reference first): a
+        group-sequential round then costs scoring, not start-ups. On a GPU each server takes most of the
+        card: one at a time."""
+        rounds = 0
+        pool: dict[str, Any] = {}  # variant -> a healthy server kept for the next round (CPU only)
+        try:
+            while work := self.plan_round():
+                rounds += 1
+                for i, w in enumerate(work):
+                    if progress:
+                        progress(f"{w.variant} (round {rounds})")
+                    server = pool.pop(w.variant, None) or self.variants[w.variant].server()
+                    nxt = work[i + 1].variant if i + 1 < len(work) else None
+                    if nxt is not None and nxt not in pool and self.ctx.platform.kind == "cpu":
+                        pool[nxt] = self.variants[nxt].server().launch()
+                    keep = self._keep(w.variant, pool)
+                    res = self.run_session(w, server, keep=keep)
+                    self.record(res)
+                    if keep and res.status == "served":
+                        pool[w.variant] = server
+        finally:  # Ctrl-C, an error or the end: no server outlives the stage
+            for s in pool.values():
                 s.stop()
-    emulated: dict[str, EvalRun] = {}
-    if emulate:
-        needs = [m for m in manifests if runs[m.recipe].status == "unsupported"]
-        if needs:
-            bf16 = manifests[0]
-            for m in [bf16, *needs]:
-                emulated[m.recipe] = ctx.score(m, EMULATED)
-                tqdm.write(f"quantgate: {m.recipe}: {EMULATED}: {emulated[m.recipe].status}")
-    baseline = runs["bf16"]
-    if "bf16" in emulated:  # published: the gate compares emulated scores with this run, not with vLLM's
-        emulated["bf16"].write(run_dir / "bf16" / "eval-emulated.json")
-    for name, run in runs.items():
-        if name in emulated and name != "bf16":
-            # an emulated score is compared with bf16 through the same engine, and labelled everywhere
-            run = add_comparisons(emulated[name], emulated["bf16"]).model_copy(
-                update={"reason": f"vLLM: {run.reason}; scored {EMULATED}", "server_log_tail": run.server_log_tail})
-        elif baseline.status == "ok":
-            run = add_comparisons(run, baseline)
-        run.write(run_dir / name / "eval.json")
-        if name != "bf16":
-            _write_divergence(run_dir, manifests, name, run, div)
-    bad = [n for n, r in runs.items() if r.status == "failed"]
-    if bad:
-        tqdm.write(f"quantgate: eval failed for: {', '.join(bad)} (finished results kept)")
-        return EXIT_PARTIAL
-    return EXIT_OK
+
+    def _keep(self, name: str, pool: dict[str, Any]) -> bool:
+        """Keep this variant's server up after its session: CPU only, while the pool fits half the RAM."""
+        if self.ctx.platform.kind != "cpu" or self.settings is None:
+            return False
+        import psutil
+
+        def need(n: str) -> float:
+            v = self.variants[n]
+            return v.manifest.bytes_on_disk * 1.5 + v.config.cpu_kv_cache_gib * 2**30 + 2 * 2**30
+
+        budget = psutil.virtual_memory().total * 0.5
+        return need(name) + sum(need(n) for n in pool) <= budget
+
+    def run_session(self, w: Work, server: Any = None, keep: bool = False) -> SessionResult:
+        """One session (also what a Ray cell runs): score `w` on its variant's server."""
+        v = self.variants[w.variant]
+        specs = {}
+        for task, look in w.tasks.items():
+            res = self.cached(w.variant, task) if look else None
+            specs[task] = self.spec_of(res) if res is not None and res.sequential else self.spec(task)
+        return score_session(v, w, specs, self.index, self.div, server or v.server(), keep=keep)
+
+    def record(self, res: SessionResult) -> None:
+        self.sessions.setdefault(res.variant, []).append(res)
+        if res.status != "served":
+            self.failures[res.variant] = res
+        if not self.quiet:
+            tqdm.write(f"quantgate: {res.variant}: session {res.status} in {res.seconds:.0f}s "
+                       f"{res.reason or ''}".rstrip())
+
+    # ---- results ----
+
+    def emulate(self) -> dict[str, EvalRun]:
+        """Score the variants no kernel serves here through transformers, against the reference through the
+        same engine (fixed n), when asked."""
+        needs = [n for n, why in self.preflight.items() if why and why[0] == "unsupported"]
+        if not self.req.emulate or not needs:
+            return {}
+        out = {}
+        for name in [self.reference, *needs]:
+            v = Variant(self.variants[name].manifest, self.ctx, EMULATED)
+            todo = Work(name, EMULATED, {t: None for t in self.tasks if v.cached(self.key_spec(t, EMULATED)) is None
+                                         and not self.spec(t).skip},
+                        divergence=self.div is not None and cached_topk(v, self.div) is None)
+            if todo:
+                score_session(v, todo, {t: self.spec(t).fixed() for t in todo.tasks}, self.index, self.div)
+            out[name] = self.eval_run(v, vllm_status="unsupported" if name != self.reference else None)
+            if not self.quiet:
+                tqdm.write(f"quantgate: {name}: {EMULATED}: {out[name].status}")
+        return out
+
+    def eval_run(self, v: Variant, *, vllm_status: str | None = None) -> EvalRun:
+        name = v.name
+        tasks = {t: r for t in self.tasks if (r := v.saved(self.key_spec(t, v.engine))) is not None}
+        sessions = self.sessions.get(name, []) if v.engine == "vllm" else []
+        status, reason, tail = "served", None, []
+        if v.engine == EMULATED:
+            why = self.preflight.get(name)
+            status, reason = "emulated", f"{why[1] if why else 'the reference'}; scored {EMULATED}"
+        elif self.preflight.get(name) is not None:
+            status, reason = self.preflight[name]  # type: ignore[misc]
+        elif name in self.failures:
+            f = self.failures[name]
+            status, reason, tail = f.status, f.reason, f.log_tail
+        server = next((s.server for s in sessions if s.server), {})
+        if not server and v.engine == "vllm":
+            server = self._previous_server(v)
+        kernels = dict(server.get("kernels") or {})
+        if v.engine == "vllm":
+            kernels["preflight"] = v.support().to_dict()
+        return EvalRun(
+            variant=name, family=v.manifest.family, status=status, reason=reason, engine=v.engine,  # type: ignore[arg-type]
+            platform=self.ctx.platform.to_dict(), vllm_status=vllm_status, manifest_key=v.manifest.content_key,  # type: ignore[arg-type]
+            tasks=tasks, server=server, kernels=kernels, server_log_tail=tail,
+            provenance={"versions": provenance.versions(("lm_eval", "transformers", "torch"))
+                        | {"vllm": v.vllm_version()},
+                        "hardware": provenance.hardware(), "limit": self.req.limit,
+                        "task_limits": {t: self.limit_of(t) for t in self.tasks}, "seed": SEED, "flags": v.flags(),
+                        "task_hashes": {t: self.hashes[t] for t in self.tasks}, "task_sources": self.suite.sources,
+                        "sequential": self.settings, "serving": v.ctx.serving(v.manifest).to_dict(),
+                        "demo": self.req.demo,
+                        "sessions": [{"status": s.status, "seconds": s.seconds,
+                                      "startup_seconds": s.server.get("startup_seconds")} for s in sessions]},
+            wall_seconds=round(sum(s.seconds for s in sessions), 1),
+        )
+
+    def _previous_server(self, v: Variant) -> dict[str, Any]:
+        """Every pair cached: keep how the variant was served when it was scored."""
+        path = v.vdir / "eval.json"
+        try:
+            old = EvalRun.read(path) if path.is_file() else None
+        except ArtifactError:
+            return {}
+        return old.server if old and old.manifest_key == v.manifest.content_key and old.engine == "vllm" else {}
+
+    def write(self) -> int:
+        """eval.json and divergence.json for every variant; the stage's exit code."""
+        emulated = self.emulate()
+        ref_emulated = emulated.pop(self.reference, None)
+        if ref_emulated is not None:  # the comparison engine of every emulated variant
+            ref_emulated.write(self.ctx.run_dir / self.reference / "eval-emulated.json")
+        bad = []
+        for name, v in self.variants.items():
+            run = emulated.get(name) or self.eval_run(v)
+            run.write(v.vdir / "eval.json")
+            if failed(run.status):
+                bad.append(name)
+            if name != self.reference:
+                self._write_divergence(v, EMULATED if name in emulated else "vllm")
+            if not self.quiet:
+                summary = ", ".join(f"{t}={x.value:.4f}" for t, x in run.tasks.items() if x.value is not None)
+                tqdm.write(f"quantgate: {name}: {run.status} {summary} {run.reason or ''}".rstrip())
+        if bad:
+            tqdm.write(f"quantgate: eval failed for: {', '.join(bad)} (finished results kept)")
+            return EXIT_PARTIAL
+        return EXIT_OK
+
+    def _write_divergence(self, v: Variant, engine: str) -> None:
+        path = v.vdir / "divergence.json"
+        if self.div is None:  # not asked for: an old file would describe other documents or another checkpoint
+            path.unlink(missing_ok=True)
+            return
+        mine_v = Variant(v.manifest, self.ctx, engine)
+        ref_v = Variant(self.variants[self.reference].manifest, self.ctx, engine)
+        base = {"variant": v.name, "engine": engine, "reference_engine": engine,
+                "key": content_key([divergence_key(mine_v, self.div), divergence_key(ref_v, self.div)]),
+                "k": divergence.TOP_K, "method": TOPK_METHOD, "source": self.div.source, "n_docs": len(self.div.docs),
+                "doc_tokens": len(self.div.docs[0]), "max_model_len": v.config.max_model_len}
+        mine, theirs = cached_topk(mine_v, self.div), cached_topk(ref_v, self.div)
+        if mine is None or theirs is None:
+            who = mine_v if mine is None else ref_v
+            err = divergence_error(who)
+            why = err or f"{who.name} {self._why_unserved(who.name)}"
+            res = DivergenceRun(status="failed:fetch" if err else "skipped:unserved",
+                                reason=f"no top-k log-probs for {who.name}: {why}", **base)
+        else:
+            stats = summarize(theirs, mine, len(self.div.docs[0]) + 1)
+            res = DivergenceRun(status="measured", overall=stats["overall"], by_depth=stats["by_depth"],
+                                doc_kl_mean=stats["doc_kl_mean"], **base)
+            o = res.overall
+            if not self.quiet:
+                tqdm.write(f"quantgate: {v.name}: KL from {self.reference} mean {o['kl_mean']:.4f} p99 "
+                           f"{o['kl_p99']:.4f}, top-1 agreement {o['top1_agreement']:.3f} ({o['n_tokens']} tokens, "
+                           f"{engine})")
+        res.write(path)
+
+    def _why_unserved(self, name: str) -> str:
+        if self.preflight.get(name):
+            return f"was not served ({self.preflight[name][0]})"  # type: ignore[index]
+        if name in self.failures:
+            return f"was not served ({self.failures[name].status})"
+        return "was not scored"
+
+
+def run_eval_stage(ctx: RunContext, req: EvalRequest) -> int:
+    """Score every variant (the reference first) and write eval.json + divergence.json."""
+    stage = EvalStage(ctx, req)
+    bar = tqdm(desc="eval", unit="session")
+    started = time.perf_counter()
+
+    def progress(what: str) -> None:
+        bar.set_postfix_str(what)
+        bar.update(1)
+
+    try:
+        stage.run_local(progress)
+    finally:
+        bar.close()
+    code = stage.write()
+    tqdm.write(f"quantgate: eval stage {time.perf_counter() - started:.0f}s")
+    return code

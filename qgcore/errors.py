@@ -81,6 +81,12 @@ class IntegrityError(QuantgateError):
     exit_code = EXIT_ERROR
 
 
+class ToolError(QuantgateError):
+    """quantgate itself broke (a parser met output it does not understand): exit 1, never a verdict."""
+
+    exit_code = EXIT_ERROR
+
+
 class ArtifactError(QuantgateError):
     """A stage's input artifact is missing or does not validate."""
 
@@ -101,6 +107,13 @@ def format_validation_error(source: object, err: Exception) -> str:
     if not callable(errors):
         return f"{source}: {err}"
     e = errors()[0]
-    loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-    what = "unknown key (the schema is strict)" if e["type"] == "extra_forbidden" else e["msg"]
+    loc = ".".join(str(x) for x in e["loc"] if x != "[key]") or "(top level)"
+    if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        what = "unknown key (the schema is strict)"
+    elif e["type"] == "literal_error":
+        names = [n.strip().strip("'") for n in str(e.get("ctx", {}).get("expected", "")).replace(" or ", ", ")
+                 .split(",") if n.strip()]
+        what = did_you_mean(str(e.get("input")), names, "value")
+    else:
+        what = str(e["msg"]).removeprefix("Value error, ")
     return f"{source}: {loc}: {what}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,40 @@ def model_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
 
 
-def hash_model_dir(path: Path) -> str:
+def cached_sha256(path: Path, cache: Path | None) -> str:
+    """A file's sha256, remembered under `cache` by (path, size, mtime): a rerun reads no unchanged file (the
+    integrity check that follows uses the same fast path, and hashes whatever changed)."""
+    if cache is None:
+        return file_sha256(path)
+    st = path.stat()
+    book = cache / "file-hashes.json"
+    known: dict[str, Any] = {}
+    if book.is_file():
+        try:
+            known = json.loads(book.read_text())
+        except json.JSONDecodeError:
+            known = {}
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    entry = known.get(str(path.resolve()))
+    if entry and entry[0] == stamp:
+        return str(entry[1])
+    digest = file_sha256(path)
+    known[str(path.resolve())] = [stamp, digest]
+    book.parent.mkdir(parents=True, exist_ok=True)
+    tmp = book.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(known))
+    tmp.replace(book)
+    return digest
+
+
+def cached_file_key(path: Path, cache: Path | None = None) -> str:
+    return cached_sha256(path, cache)[:KEY_LEN]
+
+
+def hash_model_dir(path: Path, cache: Path | None = None) -> str:
     """Content hash of the files that define a model, so a changed model changes every cache key."""
     h = hashlib.sha256()
     for f in model_files(path):
         h.update(str(f.relative_to(path)).encode())
-        h.update(file_sha256(f).encode())
+        h.update(cached_sha256(f, cache).encode())
     return "sha256:" + h.hexdigest()[:KEY_LEN]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from evals.divergence import TOP_K, build_set
+from evals.variants import variant_manifests
 from qgcore.divergence import full_kl, token_divergence, topk_of
 from qgcore.paths import DEFAULT_SLUG
 
@@ -35,9 +36,10 @@ def _logprobs(checkpoint: Path, docs: list[list[int]]) -> list[np.ndarray]:
 
 
 def measure(run_dir: Path, n_docs: int, max_len: int, k: int = TOP_K) -> dict[str, dict[str, float]]:
-    variants = sorted(p.parent.name for p in run_dir.glob("*/manifest.json") if p.parent.name != "bf16")
-    dset = build_set(run_dir / "bf16" / "checkpoint", n_docs=n_docs, max_model_len=max_len)
-    ref = _logprobs(run_dir / "bf16" / "checkpoint", dset.docs)
+    manifests = variant_manifests(run_dir, None)
+    ref_name, variants = manifests[0].recipe, [m.recipe for m in manifests[1:]]
+    dset = build_set(run_dir / ref_name / "checkpoint", n_docs=n_docs, doc_tokens=max_len - 1)
+    ref = _logprobs(run_dir / ref_name / "checkpoint", dset.docs)
     ref_top = [topk_of(r, k) for r in ref]
     covered = float(np.mean(np.concatenate([np.exp(t.logprobs).sum(1) for t in ref_top])))
     out = {}
@@ -51,12 +53,12 @@ def measure(run_dir: Path, n_docs: int, max_len: int, k: int = TOP_K) -> dict[st
                      "exact_p99": float(np.quantile(exact, 0.99)), "topk_p99": float(np.quantile(est, 0.99)),
                      "ratio_p99": float(np.quantile(est, 0.99) / np.quantile(exact, 0.99)),
                      "max_token_underestimate": float((exact - est).max()),
-                     "bf16_topk_mass": covered, "n_tokens": int(exact.size),
+                     "reference_topk_mass": covered, "n_tokens": int(exact.size),
                      "seconds": round(time.perf_counter() - t0, 1)}
         r = out[name]
         print(f"{name:>8}: mean KL exact {r['exact_mean']:.4f} top-{k} {r['topk_mean']:.4f} "
               f"(ratio {r['ratio_mean']:.3f}); p99 exact {r['exact_p99']:.4f} top-{k} {r['topk_p99']:.4f} "
-              f"(ratio {r['ratio_p99']:.3f}); bf16 top-{k} mass {covered:.3f}", flush=True)
+              f"(ratio {r['ratio_p99']:.3f}); {ref_name} top-{k} mass {covered:.3f}", flush=True)
     return out
 
 

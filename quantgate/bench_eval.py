@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from evals.quality import model_args_for_hf, model_args_for_server, run_task, task_manager
+from evals.quality import Endpoint, TaskIndex, run_task
 from evals.serve import VllmServer
 from evals.tasks import build_builtin_suite
 from qgcore.paths import CACHE_DIR
-from qgcore.serving import ServeConfig
+from qgcore.serving import ServeConfig, server_environment
+from quantgate.context import resolve
 from quantize.model import resolve_model
 
 TASKS = ("qg_mmlu_dev", "qg_stdlib_ppl")
@@ -28,26 +29,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=100, help="items per task (default 100)")
     p.add_argument("--runs", type=Path, default=Path("runs"))
     args = p.parse_args(argv)
+    import os
+
     model = resolve_model(args.model)
-    out_dir = args.runs / model.slug / "bench-eval"
-    tm = task_manager([build_builtin_suite(CACHE_DIR).include_dir])
+    ctx = resolve(runs_root=args.runs, model=args.model)
+    out_dir = ctx.run_dir / "bench-eval"
+    index = TaskIndex([build_builtin_suite(CACHE_DIR).include_dir])
     results: dict[str, dict] = {"vllm": {}, "hf": {}}
+    # served as the eval stage serves (a scoring server: every CPU core computes), at a 2048-token context
+    cfg = ServeConfig(platform=ctx.platform.kind, max_model_len=2048, cpu_reserved_cores=0)
+    env = server_environment(cfg, dict(os.environ), cache_root=CACHE_DIR)
     t0 = time.perf_counter()
-    # served as the eval stage serves (scoring config: every CPU core computes)
-    with VllmServer(Path(model.path), name="bf16", log_path=out_dir / "server.log",
-                    config=ServeConfig.from_spec({}, scoring=True)) as srv:
+    with VllmServer(Path(model.path), name="reference", log_path=out_dir / "server.log", config=cfg, env=env,
+                    python=ctx.serve_python) as srv:
         startup = time.perf_counter() - t0
         t1 = time.perf_counter()
+        ep = Endpoint(srv.base_url, "reference", model.path, cfg.max_model_len, ctx.platform.kind)
         for task in TASKS:
-            lm, margs = model_args_for_server(srv.base_url, "bf16", model.path, generative=False)
-            results["vllm"][task] = run_task(task=task, tm=tm, lm=lm, model_args=margs, limit=args.limit, seed=0,
-                                             samples_path=out_dir / "vllm" / f"{task}.jsonl", generative=False)
+            results["vllm"][task] = run_task(task=task, tm=index.tm, endpoint=ep, generative=False, limit=args.limit,
+                                             items=None, seed=0, samples_path=out_dir / "vllm" / f"{task}.jsonl")
         vllm_s = time.perf_counter() - t1
     t2 = time.perf_counter()
+    hf = Endpoint(None, "reference", model.path, cfg.max_model_len, ctx.platform.kind)
     for task in TASKS:
-        lm, margs = model_args_for_hf(model.path)
-        results["hf"][task] = run_task(task=task, tm=tm, lm=lm, model_args=margs, limit=args.limit, seed=0,
-                                       samples_path=out_dir / "hf" / f"{task}.jsonl", generative=False)
+        results["hf"][task] = run_task(task=task, tm=index.tm, endpoint=hf, generative=False, limit=args.limit,
+                                       items=None, seed=0, samples_path=out_dir / "hf" / f"{task}.jsonl")
     hf_s = time.perf_counter() - t2
     summary = {
         "model": model.model_id, "limit": args.limit, "tasks": list(TASKS),

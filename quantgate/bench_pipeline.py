@@ -1,9 +1,10 @@
 """`make bench-pipeline`: what `quantgate all` costs beyond its stages, and what a rerun with nothing changed costs.
 
 Runs `quantgate all` twice in fresh processes on the same small configuration (default model, bf16 + fp8,
-a few items, one bench level). Prints, from this one run: the wall time of the whole command vs the sum of
+a few items, a short bench). Prints, from this one run: the wall time of the whole command vs the sum of
 its stages (timings.json): the orchestration overhead, process start and imports included; and the
-rerun's wall time vs the first: every stage must reuse its cached result (content keys unchanged).
+rerun's wall time vs the first: every stage must reuse its cached result (content keys unchanged), and
+nothing it can skip may run (no task index built, no vLLM probe, no model hashed again).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=20)
     args = p.parse_args(argv)
     cmd = [sys.executable, "-m", "quantgate.cli", "all", "--runs", str(args.runs), "--recipes", args.recipes,
-           "--tasks", "qg_stdlib_cont,qg_stdlib_ppl", "--limit", str(args.limit), "--concurrency", "1", "--demo"]
+           "--tasks", "qg_stdlib_cont,qg_stdlib_ppl", "--limit", str(args.limit), "--max-load", "2", "--demo"]
     if args.model:
         cmd += ["--model", args.model]
     timings = args.runs / slug_for(args.model) / "timings.json"

@@ -7,13 +7,14 @@ llmcompressor's examples: ultrachat with the chat template), or a local .txt/.js
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 from pathlib import Path
 from typing import Any
 
 from qgcore import corpus
-from qgcore.errors import ConfigError, HubUnreachableError
+from qgcore.errors import ConfigError, DatasetAccessError, HubUnreachableError, NoSpaceError
 from qgcore.hashing import bytes_key
 from quantize.recipe import CalibrationSpec
 
@@ -48,14 +49,27 @@ def _file_texts(spec: CalibrationSpec) -> tuple[list[str], str]:
 
 def _hub_texts(spec: CalibrationSpec, tokenizer: Any) -> tuple[list[str], str]:
     import datasets
+    from datasets.exceptions import DatasetNotFoundError
 
     try:
         ds = datasets.load_dataset(str(spec.dataset), split=spec.split)
-    except Exception as err:
+    except DatasetNotFoundError as err:  # the hub answered: a typo (404) or a gated dataset
+        if "gated" in str(err):
+            raise DatasetAccessError(f"calibration dataset '{spec.dataset}' is gated on the Hugging Face Hub: "
+                                     "request access and set HF_TOKEN, or use calibration.source: builtin") from None
+        raise ConfigError(f"calibration dataset '{spec.dataset}' does not exist on the Hugging Face Hub (404): fix "
+                          "calibration.dataset") from None
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise NoSpaceError(f"out of disk while downloading calibration dataset '{spec.dataset}': free space "
+                               "under HF_HOME") from None
         raise HubUnreachableError(
-            f"cannot load calibration dataset '{spec.dataset}' from the hub ({type(err).__name__}); "
+            f"cannot reach the Hugging Face Hub for calibration dataset '{spec.dataset}' ({type(err).__name__}); "
             "use calibration.source: builtin or a local file"
         ) from None
+    except ValueError as err:  # a split the dataset does not have
+        raise ConfigError(f"calibration dataset '{spec.dataset}': {str(err).splitlines()[0]}: fix "
+                          "calibration.split") from None
     ds = ds.shuffle(seed=spec.seed).select(range(min(spec.num_samples, len(ds))))
     texts = []
     for row in ds:

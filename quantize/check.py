@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from qgcore.device import Platform
 from quantize.hardware import check_target
-from quantize.model import ResolvedModel, linear_input_widths, resolve_model
+from quantize.model import Layout, ResolvedModel, layout, resolve_model
 from quantize.recipe import Recipe
 from quantize.run import check_group_size
 
 
-def preflight(model: str | None, recipes: list[Recipe], target_cc: float | None) -> tuple[ResolvedModel, dict]:
-    for recipe in recipes:
-        check_target(recipe, target_cc)
+def preflight(model: str | None, recipes: list[Recipe], target: Platform | None) -> tuple[ResolvedModel, Layout]:
     resolved = resolve_model(model)
-    widths = linear_input_widths(resolved.path)
+    found = layout(resolved.path)
     for recipe in recipes:
-        check_group_size(recipe, widths)
-    return resolved, widths
+        check_group_size(recipe, found.widths)
+        check_target(recipe, found.shapes, found.config, target)
+    return resolved, found

@@ -1,42 +1,26 @@
-"""Does the declared target GPU run a recipe's scheme? Checked before any work, from the recipe alone."""
+"""Does the declared target GPU run a recipe's scheme? Checked before any work, with vLLM's own kernel rules
+(qgcore.kernels) on the model's real layer shapes, so a checkpoint is never built for a GPU that cannot
+serve it; a weight-only fallback is noted and recorded in the manifest."""
 
 from __future__ import annotations
 
-from qgcore.errors import ConfigError, UnsupportedHardwareError, did_you_mean
+from typing import Any
+
+from qgcore.device import Platform
+from qgcore.errors import UnsupportedHardwareError
+from qgcore.kernels import check
 from quantize.recipe import Recipe
-
-# CUDA compute capability of the GPUs people serve on (NVIDIA's published table).
-GPU_COMPUTE_CAPABILITY = {
-    "T4": 7.5, "V100": 7.0, "A10": 8.6, "A10G": 8.6, "A40": 8.6, "A100": 8.0, "A6000": 8.6,
-    "L4": 8.9, "L40": 8.9, "L40S": 8.9, "RTX4090": 8.9, "H100": 9.0, "H200": 9.0, "GH200": 9.0,
-    "B200": 10.0, "GB200": 10.0, "B300": 10.3, "RTX5090": 12.0,
-}
+from quantize.schemes import SCHEMES
 
 
-def parse_target(target: str | None) -> float | None:
-    """`H100` or `9.0` -> 9.0; None -> no check."""
-    if not target:
+def check_target(recipe: Recipe, shapes: dict[str, list[int]], model: dict[str, Any],
+                 target: Platform | None) -> str | None:
+    """None if the target serves it natively, a note if only through a fallback; raises if it cannot."""
+    if target is None:
         return None
-    try:
-        return float(target)
-    except ValueError:
-        pass
-    key = target.upper().replace("-", "").replace(" ", "")
-    if key not in GPU_COMPUTE_CAPABILITY:
-        raise ConfigError(did_you_mean(target, list(GPU_COMPUTE_CAPABILITY), "target GPU") +
-                          " (or give a compute capability such as 8.9)")
-    return GPU_COMPUTE_CAPABILITY[key]
-
-
-def check_target(recipe: Recipe, target_cc: float | None) -> str | None:
-    """None if native, a note if it runs only via fallback; raises if the target cannot run it at all."""
-    hw = recipe.hardware
-    if target_cc is None or hw.min_compute_capability is None or target_cc >= hw.min_compute_capability:
-        return None
-    if hw.fallback_min_compute_capability is not None and target_cc >= hw.fallback_min_compute_capability:
-        return hw.fallback_note or f"runs via fallback below compute capability {hw.min_compute_capability}"
-    need = hw.fallback_min_compute_capability or hw.min_compute_capability
-    raise UnsupportedHardwareError(
-        f"recipe '{recipe.name}' needs compute capability >= {need} (target has {target_cc}); "
-        "drop it from RECIPES or pick a newer TARGET_GPU"
-    )
+    planned = SCHEMES[recipe.quant.scheme].summary(recipe)
+    sup = check(planned, shapes, model, tp=1, on=target, kv_cache_dtype=recipe.serve.kv_cache_dtype)
+    if not sup.ok:
+        raise UnsupportedHardwareError(f"recipe '{recipe.name}' cannot be served on {target.label}: {sup.reason}; "
+                                       "drop it from RECIPES or pick another TARGET_GPU")
+    return None if sup.native else f"{target.label}: served as {sup.served_as}: {sup.reason}"

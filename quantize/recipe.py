@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qgcore.errors import ConfigError, did_you_mean, format_validation_error
 from qgcore.hashing import content_key
+from qgcore.quality import RecipeGate
 from qgcore.vocab import Family
 from quantize.schemes import SCHEMES
 
@@ -64,24 +65,22 @@ class QuantSpec(Strict):
 
 
 class ServeSpec(Strict):
-    """How production serves this variant with vLLM; the same flags are used for eval and bench."""
+    """How production serves this variant with vLLM; the same flags are used for eval and bench. Tensor
+    parallel and the context are the run's (quantgate --tensor-parallel / --max-model-len), not the recipe's:
+    they change nothing that is built."""
 
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     extra_args: list[str] = []
 
-
-class HardwareSpec(Strict):
-    # Lowest CUDA compute capability with native kernels, and the lowest that still runs (weight-only fallback).
-    min_compute_capability: float | None = None
-    fallback_min_compute_capability: float | None = None
-    fallback_note: str | None = None
-
-
-class GateOverrides(Strict):
-    """Per-recipe gate margins; None means "use the policy's value for this family"."""
-
-    quality_margin: float | None = Field(default=None, ge=0)
-    recovery_min: float | None = Field(default=None, ge=0, le=1.5)
+    @field_validator("extra_args")
+    @classmethod
+    def _no_run_flags(cls, v: list[str]) -> list[str]:
+        run_flags = ("--tensor-parallel-size", "-tp", "--max-model-len", "--kv-cache-dtype")
+        bad = [a for a in v if a.split("=")[0] in run_flags]
+        if bad:
+            raise ValueError(f"serve.extra_args may not set {bad[0]}: tensor parallel and the context are set per "
+                             "run (--tensor-parallel, --max-model-len), the KV cache by serve.kv_cache_dtype")
+        return v
 
 
 class Recipe(Strict):
@@ -91,8 +90,7 @@ class Recipe(Strict):
     quant: QuantSpec
     calibration: CalibrationSpec | None = None
     serve: ServeSpec = ServeSpec()
-    hardware: HardwareSpec = HardwareSpec()
-    gate: GateOverrides = GateOverrides()
+    gate: RecipeGate = RecipeGate()  # one declaration, shared with the gate (qgcore.quality)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -107,8 +105,8 @@ class Recipe(Strict):
             )
         if self.quant.grid_points is not None and not handler.grid_search:
             raise ValueError(f"quant.grid_points sizes AWQ's scale search; scheme '{self.quant.scheme}' has none")
-        if self.quant.scheme == "none" and self.family != "reference":
-            raise ValueError("scheme 'none' is the reference: set family: reference")
+        if (self.quant.scheme == "none") != (self.family == "reference"):
+            raise ValueError("the reference is the recipe with scheme 'none' and family: reference, and only it")
         return self
 
     def content_hash(self) -> str:

@@ -16,9 +16,11 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from qgcore import provenance
-from qgcore.artifacts import CheckpointManifest, ModelRef, quantization_summary
+from qgcore.artifacts import CheckpointManifest, ModelRef, model_config_summary, quantization_summary
+from qgcore.device import Platform
 from qgcore.errors import GroupSizeError, NoSpaceError, QuantgateError
 from qgcore.hashing import MODEL_FILE_SUFFIXES
 from qgcore.hashing import content_key as _key
@@ -26,7 +28,8 @@ from qgcore.integrity import record_files
 from qgcore.memory import PeakRSS
 from quantize.calibration import fingerprint
 from quantize.hardware import check_target
-from quantize.model import ResolvedModel
+from quantize.model import Layout, ResolvedModel
+from quantize.model import layout as model_layout
 from quantize.recipe import Recipe
 from quantize.schemes import SCHEMES, check_quantization_config
 
@@ -124,23 +127,25 @@ def quantize(
     *,
     model: ResolvedModel,
     run_dir: Path,
-    widths: dict[str, int] | None = None,
-    target_cc: float | None = None,
+    layout: Layout | None = None,
+    target: Platform | None = None,
     force: bool = False,
+    sizing: dict[str, Any] | None = None,
 ) -> tuple[CheckpointManifest, bool]:
     """Build one variant; returns (manifest, reused). Raises QuantgateError subclasses on bad input.
 
     Args:
-        recipe: the validated recipe.
+        recipe: the validated recipe (a demo Sizing already applied).
         model: resolved base model (local folder + revision).
         run_dir: `runs/<model-slug>/`; the variant goes to `run_dir/<recipe.name>/`.
-        widths: Linear input widths (from `linear_input_widths`), for the group-size pre-check.
-        target_cc: declared target GPU compute capability, or None for no check.
+        layout: the model's Linear layers and config (read here when not given).
+        target: the GPU the checkpoint is for (TARGET_GPU), or None for no check.
         force: rebuild even when the manifest's content key matches.
+        sizing: the Sizing applied to the recipe, recorded in the manifest.
     """
-    fallback_note = check_target(recipe, target_cc)
-    if widths is not None:
-        check_group_size(recipe, widths)
+    layout = layout or model_layout(model.path)
+    fallback_note = check_target(recipe, layout.shapes, layout.config, target)
+    check_group_size(recipe, layout.widths)
     key = content_key(model, recipe)
     _clean_stale(run_dir, recipe.name)
     final = run_dir / recipe.name
@@ -178,10 +183,12 @@ def quantize(
             content_key=key,
             model=ModelRef(**model.to_dict()),
             recipe=recipe.name,
+            family=recipe.family,
             recipe_hash=recipe.content_hash(),
             recipe_spec=recipe.model_dump(mode="json"),
             calibration=recipe.calibration.model_dump(mode="json") if recipe.calibration else None,
             calibration_data=calib_id,
+            sizing=sizing if recipe.calibration is not None else None,
             versions=provenance.versions(_QUANT_VERSIONS),
             device={**provenance.hardware(), **({"fallback": fallback_note} if fallback_note else {})},
             wall_seconds=round(wall, 2),
@@ -190,6 +197,8 @@ def quantize(
             checkpoint_dir="checkpoint",
             files=record_files(ckpt),
             quantization=quantization_summary(config),
+            linear_shapes=layout.shapes,
+            architecture=model_config_summary(config),
             serve=recipe.serve.model_dump(mode="json"),
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )

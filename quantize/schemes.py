@@ -26,6 +26,9 @@ class SchemeHandler:
     expect: dict[str, Any] = field(default_factory=dict)
     build: Callable[[Recipe], list[Any]] | None = None
     grid_search: bool = False  # takes quant.grid_points (AWQ's scale search)
+    # what config.json's quantization_config will say, in qgcore.artifacts.quantization_summary's shape: the
+    # kernel preflight judges a target GPU from it before anything is built
+    summary: Callable[[Recipe], dict[str, Any]] = lambda r: {"quantized": False}
 
 
 SCHEMES: dict[str, SchemeHandler] = {}
@@ -96,19 +99,30 @@ _FP8_EXPECT = {"format": "float-quantized", "weights.num_bits": 8, "weights.type
 _W4_EXPECT = {"format": "pack-quantized", "weights.num_bits": 4, "weights.type": "int",
               "weights.strategy": "group", "input_activations": None}
 
+def _planned(fmt: str, bits: int, kind: str, group: int | None, act_bits: int | None) -> Callable[[Recipe], dict]:
+    def summary(r: Recipe) -> dict[str, Any]:
+        return {"quantized": True, "format": fmt, "ignore": list(r.quant.ignore),
+                "weights": {"num_bits": bits, "type": kind, "group_size": group or r.quant.group_size},
+                "input_activations": {"num_bits": act_bits} if act_bits else None}
+    return summary
+
+
 register(SchemeHandler("none", needs_calibration=False))
-register(SchemeHandler("fp8_dynamic", needs_calibration=False, expect=_FP8_EXPECT, build=_fp8))
+register(SchemeHandler("fp8_dynamic", needs_calibration=False, expect=_FP8_EXPECT, build=_fp8,
+                       summary=_planned("float-quantized", 8, "float", None, 8)))
 register(
     SchemeHandler("fp8_dynamic_kv", needs_calibration=True, expect={**_FP8_EXPECT, "kv_cache.num_bits": 8},
-                  build=lambda r: _fp8(r, kv=True))
+                  build=lambda r: _fp8(r, kv=True), summary=_planned("float-quantized", 8, "float", None, 8))
 )
-register(SchemeHandler("gptq_w4a16", needs_calibration=True, needs_group_size=True, expect=_W4_EXPECT, build=_gptq))
+register(SchemeHandler("gptq_w4a16", needs_calibration=True, needs_group_size=True, expect=_W4_EXPECT, build=_gptq,
+                       summary=_planned("pack-quantized", 4, "int", None, None)))
 register(SchemeHandler("awq_w4a16", needs_calibration=True, needs_group_size=True, expect=_W4_EXPECT, build=_awq,
-                         grid_search=True))
+                       grid_search=True, summary=_planned("pack-quantized", 4, "int", None, None)))
 register(
     SchemeHandler("nvfp4", needs_calibration=True, fixed_group_size=16,
                   expect={"format": "nvfp4-pack-quantized", "weights.num_bits": 4, "weights.type": "float",
-                          "weights.group_size": 16}, build=_nvfp4)
+                          "weights.group_size": 16}, build=_nvfp4,
+                  summary=_planned("nvfp4-pack-quantized", 4, "float", 16, 4))
 )
 
 

@@ -1,4 +1,8 @@
-"""The quantize stage over several recipes: pre-flight every input, then build each variant."""
+"""The quantize stage over several recipes: pre-flight every input, then build each variant.
+
+Run in a process of its own by `quantgate all` (and a Ray cell's own worker), so llmcompressor's memory
+(and, on a GPU, its CUDA cache) is gone before the first vLLM server asks for most of the card.
+"""
 
 from __future__ import annotations
 
@@ -7,41 +11,37 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qgcore.device import Platform
 from qgcore.errors import EXIT_OK, EXIT_PARTIAL, QuantgateError
-from quantize.hardware import parse_target
-from quantize.recipe import Sizing, load_recipes
+from quantize.recipe import Recipe, Sizing
 
 log = logging.getLogger("quantgate.quantize")
 
 
-def run_stage(
-    *, model: str | None, recipes: list[str] | None, runs_root: Path, target_gpu: str | None = None,
-    force: bool = False, sizing: dict[str, int] | None = None,
-) -> int:
-    """Quantize `model` with each recipe into `runs_root/<slug>/<recipe>/`. Returns an exit code.
+def run_stage(*, model: str | None, recipes: list[Recipe], run_dir: Path, target: Platform | None = None,
+              force: bool = False, sizing: dict[str, int] | None = None) -> int:
+    """Quantize `model` with each recipe into `run_dir/<recipe>/`. Returns an exit code.
 
-    Bad input (unknown recipe, strict-schema error, group size, target GPU, model not found) raises
-    before any recipe starts, so nothing is half done. A recipe that fails at run time is reported
-    and the others still run (exit 9). `sizing` (a quantize.recipe.Sizing as a dict: the demo's smaller
-    calibration and AWQ search) replaces every calibrated recipe's; it is in each content key and manifest.
+    Bad input (strict-schema error, group size, target GPU, model not found) raises before any recipe
+    starts, so nothing is half done. A recipe that fails at run time is reported and the others still run
+    (exit 9). `sizing` (a quantize.recipe.Sizing as a dict: the demo's smaller calibration and AWQ search)
+    replaces every calibrated recipe's; it is in each content key and manifest.
     """
     from quantize.check import preflight
     from quantize.run import quantize
 
-    chosen = load_recipes(recipes)
+    chosen = recipes
     if sizing is not None:
         smaller = Sizing.model_validate(sizing)
         chosen = [smaller.apply(r) for r in chosen]
-    target_cc = parse_target(target_gpu)
-    resolved, widths = preflight(model, chosen, target_cc)
-    run_dir = runs_root / resolved.slug
+    resolved, found = preflight(model, chosen, target)
     failures = []
     bar = tqdm(chosen, desc="quantize", unit="recipe")
     for recipe in bar:
         bar.set_postfix_str(recipe.name)
         try:
-            manifest, reused = quantize(recipe, model=resolved, run_dir=run_dir, widths=widths,
-                                        target_cc=target_cc, force=force)
+            manifest, reused = quantize(recipe, model=resolved, run_dir=run_dir, layout=found, target=target,
+                                        force=force, sizing=sizing)
         except QuantgateError as err:
             if err.exit_code != 1:
                 raise  # input problems (disk, ...) stop the stage; finished recipes stay in place
@@ -63,3 +63,6 @@ def run_stage(
         tqdm.write(f"quantgate: failed recipes: {', '.join(failures)} (the others are complete)")
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+__all__ = ["Recipe", "run_stage"]

@@ -1,15 +1,21 @@
-"""Inline SVG charts for the report: forest plot, curves, stacked bars. Strings only, no JavaScript, no fonts
-or scripts fetched, so the one HTML file works offline. Every chart takes plain numbers (report data) and
-says so in its own words when it has none."""
+"""Inline SVG charts for the report: primitives (forest plot, curves, bars) and the registry of the charts
+the report draws. Strings only, no JavaScript, no fonts or scripts fetched, so the one HTML file works
+offline. Every chart takes plain numbers (report data) and says so in its own words when it has none.
+
+Adding a chart is one `@chart(name, section)` function here returning SVG per section anchor; the
+template draws whatever is registered for a section, and the Chromium test walks the registry.
+"""
 
 from __future__ import annotations
 
 import html
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 OUTCOME_COLORS = {"pass": "#1a7f37", "fail": "#cf222e", "inconclusive": "#9a6700", "skipped": "#57606a"}
+VERDICT_COLORS = {"promote": "#1a7f37", "reject": "#cf222e", "inconclusive": "#9a6700", None: "#57606a"}
 SERIES_COLORS = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bc4c00", "#1b7c83", "#bf3989", "#57606a"]
 
 
@@ -43,7 +49,7 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def _frame(width: int, height: int, label: str, pad: tuple[int, int, int, int]) -> list[str]:
+def _frame(width: int, height: int, label: str) -> list[str]:
     return [f"<svg class='chart' role='img' aria-label='{_esc(label)}' viewBox='0 0 {width} {height}' "
             f"width='{width}' height='{height}' data-chart='{_esc(label)}'>"]
 
@@ -61,7 +67,7 @@ def forest_svg(rows: list[dict[str, Any]], *, margin: float | None, higher_is_be
     lo, hi = min(vals), max(vals)
     pad = (hi - lo) * 0.08 or 0.01
     sx = _scale(lo - pad, hi + pad, left, width - right)
-    out = _frame(width, height, f"forest plot {metric}", (top, right, 46, left))
+    out = _frame(width, height, f"forest plot {metric}")
     base = top + row_h * len(rows)
     for t in _ticks(lo - pad, hi + pad):
         out.append(f"<line x1='{sx(t):.1f}' y1='{top - 6}' x2='{sx(t):.1f}' y2='{base}' stroke='#eaeef2'/>"
@@ -105,11 +111,11 @@ def curves_svg(series: list[dict[str, Any]], *, x_label: str, y_label: str, hlin
         x0, x1 = x0 - 1, x1 + 1
     y0, y1 = min(ys), max(ys)
     ypad = (y1 - y0) * 0.1 or (abs(y1) * 0.1 or 1)
-    y0, y1 = (y0 - ypad, y1 + ypad) if not log_y else (y0 - ypad, y1 + ypad)
+    y0, y1 = y0 - ypad, y1 + ypad
     if not log_y and min(p[1] for p in pts) >= 0:
         y0 = max(y0, 0.0)
     sx, sy = _scale(x0, x1, left, width - right), _scale(y0, y1, height - bottom, top)
-    out = _frame(width, height, f"{y_label} vs {x_label}", (top, right, bottom, left))
+    out = _frame(width, height, f"{y_label} vs {x_label}")
     out.append(f"<line x1='{left}' y1='{height - bottom}' x2='{width - right}' y2='{height - bottom}' "
                f"stroke='#8c959f'/><line x1='{left}' y1='{top}' x2='{left}' y2='{height - bottom}' stroke='#8c959f'/>")
     xt = list(range(len(categories))) if categories else _ticks(x0, x1)
@@ -158,7 +164,7 @@ def stacked_bars_svg(rows: list[dict[str, Any]], parts: list[tuple[str, str, str
     height = top + len(rows) * (bar_h + gap) + 26
     total = max(sum(r.get(k) or 0 for k, _, _ in parts) for r in rows) or 1
     sx = _scale(0, total, 0, width - left - 190)
-    out = _frame(width, height, "stacked bars " + " + ".join(lbl for _, lbl, _ in parts), (top, 0, 0, left))
+    out = _frame(width, height, "stacked bars " + " + ".join(lbl for _, lbl, _ in parts))
     x = left
     for _key, lbl, c in parts:
         out.append(f"<rect x='{x}' y='4' width='12' height='12' fill='{c}'/><text x='{x + 16}' y='14' "
@@ -178,3 +184,209 @@ def stacked_bars_svg(rows: list[dict[str, Any]], parts: list[tuple[str, str, str
         out.append(f"<text x='{x0 + 6:.1f}' y='{y + 14}' class='tick'>{_esc(text)} {_esc(r.get('note', ''))}</text>")
     out.append(f"<text x='{left}' y='{height - 8}' class='axis'>{_esc(axis_label)}</text></svg>")
     return "".join(out)
+
+
+def scatter_svg(points: list[dict[str, Any]], x_label: str, y_label: str, width: int = 560, height: int = 320) -> str:
+    """Quality (y) vs throughput (x), one labelled dot per variant."""
+    pts = [p for p in points if p.get("x") is not None and p.get("y") is not None]
+    if not pts:
+        return "<p class='muted'>No variant has both a quality score and a throughput measurement.</p>"
+    pad = 56
+    xs, ys = [p["x"] for p in pts], [p["y"] for p in pts]
+    x0, x1 = min(xs) * 0.9, max(xs) * 1.1 or 1
+    y_span = (max(ys) - min(ys)) or abs(max(ys)) * 0.1 or 1
+    y0, y1 = min(ys) - 0.15 * y_span, max(ys) + 0.15 * y_span
+
+    def sx(v: float) -> float:
+        return pad + (v - x0) / ((x1 - x0) or 1) * (width - 2 * pad)
+
+    def sy(v: float) -> float:
+        return height - pad - (v - y0) / ((y1 - y0) or 1) * (height - 2 * pad)
+
+    parts = [f"<svg role='img' aria-label='quality versus throughput' viewBox='0 0 {width} {height}' "
+             f"width='{width}' height='{height}'>",
+             f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#8c959f'/>",
+             f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}' stroke='#8c959f'/>",
+             f"<text x='{width / 2}' y='{height - 14}' text-anchor='middle' class='axis'>{html.escape(x_label)}</text>",
+             f"<text x='16' y='{height / 2}' text-anchor='middle' class='axis' "
+             f"transform='rotate(-90 16 {height / 2})'>{html.escape(y_label)}</text>"]
+    for v, anchor in ((x0, "start"), (x1, "end")):
+        parts.append(f"<text x='{sx(v)}' y='{height - pad + 16}' text-anchor='{anchor}' class='tick'>{v:.1f}</text>")
+    for v in (y0, y1):
+        parts.append(f"<text x='{pad - 6}' y='{sy(v) + 4}' text-anchor='end' class='tick'>{v:.3f}</text>")
+    for p in pts:
+        color = VERDICT_COLORS.get(p.get("verdict"), "#0969da") if not p.get("reference") else "#0969da"
+        parts.append(f"<circle cx='{sx(p['x']):.1f}' cy='{sy(p['y']):.1f}' r='6' fill='{color}'/>"
+                     f"<text x='{sx(p['x']) + 9:.1f}' y='{sy(p['y']) - 8:.1f}' class='lbl'>"
+                     f"{html.escape(p['name'])}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def bars_svg(rows: list[tuple[str, float | None, str]], unit_fmt: Callable[[float | None], str],
+             width: int = 560) -> str:
+    """Horizontal bars: (label, value, note)."""
+    vals = [v for _, v, _ in rows if v]
+    if not vals:
+        return "<p class='muted'>No measurement.</p>"
+    top, bar_h, pad_l = max(vals), 22, 90
+    height = len(rows) * (bar_h + 8) + 8
+    parts = [f"<svg role='img' aria-label='bars' viewBox='0 0 {width} {height}' width='{width}' height='{height}' "
+             ">"]
+    for i, (label, v, note) in enumerate(rows):
+        y = 8 + i * (bar_h + 8)
+        w = (v or 0) / top * (width - pad_l - 150)
+        parts.append(f"<text x='{pad_l - 8}' y='{y + 15}' text-anchor='end' class='lbl'>{html.escape(label)}</text>"
+                     f"<rect x='{pad_l}' y='{y}' width='{w:.1f}' height='{bar_h}' fill='#54aeff'/>"
+                     f"<text x='{pad_l + w + 6:.1f}' y='{y + 15}' class='tick'>{html.escape(unit_fmt(v))} "
+                     f"{html.escape(note)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ---- the registry: what the report draws, per section anchor ---------------------------------------------
+
+@dataclass(frozen=True)
+class Chart:
+    name: str
+    build: Callable[[dict[str, Any]], dict[str, str]]  # report data -> {section anchor: svg}
+
+
+
+CHARTS: dict[str, Chart] = {}
+
+
+Builder = Callable[[dict[str, Any]], dict[str, str]]
+
+
+def chart(name: str) -> Callable[[Builder], Builder]:
+    """Register a chart: a function from report data to SVG for one or more report sections."""
+    def register(fn: Builder) -> Builder:
+        CHARTS[name] = Chart(name, fn)
+        return fn
+    return register
+
+
+def draw(data: dict[str, Any]) -> dict[str, list[str]]:
+    """Every registered chart, grouped by the section it belongs to (in registration order)."""
+    out: dict[str, list[str]] = {}
+    for c in CHARTS.values():
+        for section, svg in c.build(data).items():
+            out.setdefault(section, []).append(svg)
+    return out
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@chart("forest")
+def _forests(data: dict[str, Any]) -> dict[str, str]:
+    """Per task, the verdict's own intervals (at each variant's Holm level) against the margin."""
+    out: dict[str, str] = {}
+    tasks = sorted({c["name"].split(":", 1)[1] for d in data["verdict"]["variants"].values() for c in d["checks"]
+                    if c["name"].startswith("quality:") and "ci_low" in c.get("numbers", {})})
+    for task in tasks:
+        rows, margin, hib = [], None, True
+        for name, dec in data["verdict"]["variants"].items():
+            c = next((c for c in dec["checks"] if c["name"] == f"quality:{task}"), None)
+            if c is None or "ci_low" not in c["numbers"]:
+                continue
+            n = c["numbers"]
+            rows.append({"name": name, "delta": n["delta"], "ci_low": n["ci_low"], "ci_high": n["ci_high"],
+                         "outcome": c["outcome"]})
+            margin, hib = n.get("margin"), bool(n.get("higher_is_better", True))
+        out[f"task-{task}"] = forest_svg(rows, margin=margin, higher_is_better=hib, metric=task)
+    return out
+
+
+def _primary_task(data: dict[str, Any]) -> tuple[str, bool]:
+    for v in data["variants"]:
+        for name, t in (v["tasks"] or {}).items():
+            if t.get("status") == "scored":
+                return name, bool(t.get("higher_is_better", True))
+    return "quality", True
+
+
+@chart("quality-vs-throughput")
+def _scatter(data: dict[str, Any]) -> dict[str, str]:
+    task, hib = _primary_task(data)
+    points = []
+    for v in data["variants"]:
+        t = (v["tasks"] or {}).get(task) or {}
+        cap = (v["bench"] or {}).get("capacity") or {}
+        points.append({"name": v["name"], "x": cap.get("output_tokens_per_s"), "y": t.get("value"),
+                       "reference": v["is_reference"], "verdict": (v["decision"] or {}).get("verdict")})
+    label = task + ("" if hib else " (lower is better)")
+    return {"quality-vs-throughput": scatter_svg(points, "output tokens/s at capacity", label)}
+
+
+@chart("latency")
+def _latency(data: dict[str, Any]) -> dict[str, str]:
+    """Output tok/s against ITL p95 and TTFT p95 across the sweep's loads, one curve per variant, SLO marked,
+    the capacity ringed."""
+    itl, ttft, slo = [], [], {}
+    for v in data["variants"]:
+        b = v["bench"] or {}
+        levels = [lv for lv in b.get("levels") or [] if lv.get("workload", "random") == "random"]
+        slo = b.get("slo") or slo
+        cap = b.get("capacity") or {}
+        at = next((lv for lv in levels if lv.get("load") == cap.get("load") and not lv.get("warmup")), None)
+        pts = sorted(((lv.get("output_throughput"), lv) for lv in levels if not lv.get("warmup")),
+                     key=lambda p: p[0] or 0)
+        itl.append({"name": v["name"], "points": [(x, lv.get("p95_itl_ms")) for x, lv in pts],
+                    "mark": (at["output_throughput"], at["p95_itl_ms"]) if at else None})
+        ttft.append({"name": v["name"], "points": [(x, lv.get("p95_ttft_ms")) for x, lv in pts],
+                     "mark": (at["output_throughput"], at["p95_ttft_ms"]) if at else None})
+    ttft_slo = slo.get("ttft_p95_s")
+    return {"latency": curves_svg(itl, x_label="output tokens/s (each point a load level)", y_label="ITL p95 ms",
+                                  hline=slo.get("itl_p95_ms"), hline_label="SLO ITL p95")
+            + curves_svg(ttft, x_label="output tokens/s (each point a load level)", y_label="TTFT p95 ms",
+                         hline=ttft_slo * 1000 if ttft_slo else None, hline_label="SLO TTFT p95")}
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+@chart("divergence-by-depth")
+def _depth(data: dict[str, Any]) -> dict[str, str]:
+    """Mean KL and top-1 agreement by context depth, one line per variant."""
+    divs = [(v["name"], v["divergence"]) for v in data["variants"]
+            if v.get("divergence") and v["divergence"].get("status") == "measured"]
+    edges = sorted({(b["depth_from"], b["depth_to"]) for _, d in divs for b in d["by_depth"]})
+    cats = [f"{_tokens(a)}–{_tokens(b)}" for a, b in edges]
+    kl, top1 = [], []
+    for name, d in divs:
+        by = {(b["depth_from"], b["depth_to"]): b for b in d["by_depth"]}
+        kl.append({"name": name, "points": [(i, by[e]["kl_mean"]) for i, e in enumerate(edges) if e in by]})
+        top1.append({"name": name, "points": [(i, by[e]["top1_agreement"]) for i, e in enumerate(edges) if e in by]})
+    ref = data.get("reference", "the reference")
+    return {"divergence": curves_svg(kl, x_label="context depth (tokens before the predicted one)",
+                                     y_label=f"mean KL from {ref}, nats", log_y=True, categories=cats)
+            + curves_svg(top1, x_label="context depth (tokens before the predicted one)",
+                         y_label=f"top-1 agreement with {ref}", categories=cats)}
+
+
+@chart("memory")
+def _memory(data: dict[str, Any]) -> dict[str, str]:
+    """Weights vs KV cache (vLLM's own accounting) per variant, and the measured peaks."""
+    split, peak, disk = [], [], []
+    for v in data["variants"]:
+        mem = (v["bench"] or {}).get("memory") or {}
+        seqs = mem.get("max_concurrent_sequences_at_context_len")
+        split.append({"name": v["name"], "weights": mem.get("weights_bytes"), "kv": mem.get("kv_cache_bytes"),
+                      "note": f"· {seqs:.1f} seqs @ {mem.get('context_len')}" if seqs else ""})
+        measured = mem.get("server_gpu_reserved_bytes_peak") or mem.get("server_rss_bytes_peak")
+        peak.append((v["name"], measured, "(GPU reservation, NVML)" if mem.get("server_gpu_reserved_bytes_peak")
+                     else "(host RSS)"))
+        disk.append((v["name"], v["bytes_on_disk"], ""))
+    return {"memory": stacked_bars_svg(split, [("weights", "weights", "#0969da"), ("kv", "KV cache", "#54aeff")],
+                                       fmt_bytes, "bytes, from vLLM's start-up accounting"),
+            "memory-peak": bars_svg(peak, fmt_bytes), "disk": bars_svg(disk, fmt_bytes)}

@@ -1,43 +1,30 @@
 """The promotion gate: a pure, stdlib-only function from evidence + policy to a verdict with reasons.
 
-Quality is *non-inferiority*: a variant passes a task only if the whole paired CI of (variant - bf16)
-lies strictly on the good side of -margin (compared exactly, as fractions: a bound sitting on the margin
-does not pass). The CI's level is family-wise (Bonferroni over the competing variants by default), so
-the chance of promoting *any* variant whose true delta is at its margin stays within the policy's alpha.
-If the CI straddles the margin the answer is "inconclusive", never "pass". A task whose bf16 score is
-not above its chance rate, or whose items are not all paired, decides nothing. Performance, latency SLO
-and memory are floors/caps against measured numbers. No torch, no pydantic: CI can run this on
-artifacts copied from a GPU box.
+Quality is *non-inferiority* on every task (an intersection-union test: a variant passes only if it passes
+each task, so tasks need no correction among themselves). Each task's test is one-sided at the variant's
+level: its calibrated p-value (qgcore.stats) must fall below the level, which is the same as its bound at
+that level clearing the margin. Levels come from Holm's step-down over the run's *declared* variants
+(run.json), so the chance that a run promotes any variant whose true loss is at its margin stays within
+`quality.alpha`. A task whose reference is not shown above chance, whose items are not all paired, or that
+has too few items decides nothing. A recovery floor only ever rejects: it fails a variant whose ratio is
+shown below it, and never holds one back for lack of evidence (the margin decides promotion).
+
+Checks are registered (`@gate_check`): each names its policy section (a stdlib dataclass the policy loader
+validates strictly) and where the report shows its evidence. No torch, no pydantic, no numpy: CI can run
+this on artifacts copied from a GPU box.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from typing import Any, Literal
 
-from qgcore.vocab import EMULATED
+from qgcore.quality import QualityPolicy, RecipeGate, holm_levels
+from qgcore.vocab import EMULATED, SCORED, failed
 
 Outcome = Literal["pass", "fail", "inconclusive", "skipped"]  # skipped: noted, decides nothing
 Verdict = Literal["promote", "reject", "inconclusive"]
-
-
-@dataclass(frozen=True)
-class GatePolicy:
-    """What the gate enforces. No defaults here: reports/policy.default.yaml holds them (reports.policy)."""
-
-    margins: dict[str, float]  # family -> non-inferiority margin in metric units (absolute)
-    metric_margins: dict[str, float]  # metric name -> its own margin (e.g. bits_per_byte)
-    recovery_min: dict[str, float]  # family -> floor (e.g. 0.97); absent = off
-    min_items: int
-    throughput_floor_vs_bf16: float | None  # variant tok/s at its SLO point >= this x bf16's
-    require_slo: bool  # some concurrency level must meet the latency SLO
-    max_memory_bytes: int | None  # cap on the server's peak memory (GPU or host RSS as measured)
-    allow_emulated: bool  # an emulated score can at best be inconclusive unless this is true
-    alpha: float  # 1 - confidence level of the CIs, for the whole family of competing variants
-    multiplicity: str  # how alpha is split over k competing variants: bonferroni | none
-    kl_p99_max: dict[str, float] = field(default_factory=dict)  # family -> cap on p99 token KL; absent = none
-    top1_min: dict[str, float] = field(default_factory=dict)  # family -> floor on top-1 agreement with bf16
 
 
 @dataclass(frozen=True)
@@ -53,6 +40,8 @@ class Decision:
     variant: str
     verdict: Verdict
     checks: list[Check]
+    level: float  # the one-sided level the variant's tasks were tested at (its Holm step)
+    p_value: float  # the variant's quality p-value (the largest over its tasks)
     cost_per_1m: float | None = None
     bytes_on_disk: int | None = None
 
@@ -61,222 +50,365 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class RecipeGate:
-    """A recipe's own gate section: None means the policy's value for the recipe's family."""
+class Evidence:
+    """One variant's artifacts (plain dicts) with the reference's, and the comparisons the gate tests:
+    qgcore.stats.Comparison dicts against the reference through the same engine, at every Holm level."""
 
-    quality_margin: float | None = None  # replaces the family margin (accuracy-type metrics only)
-    recovery_min: float | None = None  # replaces the family recovery floor
-
-
-def margin_for(policy: GatePolicy, family: str, metric: str, recipe: RecipeGate) -> float:
-    """A metric's own margin (e.g. bits_per_byte) wins; else the recipe's, else the family's.
-
-    Margins never leak across metrics: an accuracy margin from a recipe never replaces bits/byte's.
-    """
-    base = metric.split(",")[0]
-    if base in policy.metric_margins:
-        return policy.metric_margins[base]
-    if recipe.quality_margin is not None:
-        return recipe.quality_margin
-    return policy.margins[family]
+    name: str
+    family: str
+    reference: str
+    recipe_gate: RecipeGate
+    eval: dict[str, Any] | None
+    reference_eval: dict[str, Any] | None
+    comparisons: dict[str, dict[str, Any]]
+    bench: dict[str, Any] | None = None
+    reference_bench: dict[str, Any] | None = None
+    divergence: dict[str, Any] | None = None
+    bytes_on_disk: int | None = None
 
 
-def _exact(x: float) -> Fraction:
-    """A float as the decimal it prints as (shortest round-trip repr), exactly: 0.02 is 1/50, not the binary
-    0.0200000000000000004. Bounds and margins are compared as these fractions, so a bound sitting on the
-    margin is a tie (neither pass nor fail) whatever rounding produced it."""
-    return Fraction(repr(float(x)))
+@dataclass(frozen=True)
+class CheckSpec:
+    name: str  # the policy section's key, and the prefix of every check it makes
+    section: type
+    run: Callable[[Evidence, Any, float], list[Check]]  # (evidence, its policy section, the variant's level)
+    anchor: Callable[[str, str], str]  # (check name, variant) -> where the report shows its evidence
 
 
-def _exceeds(worse: float, margin: float) -> bool:
-    return _exact(worse) > _exact(margin)
+CHECKS: dict[str, CheckSpec] = {}
 
 
-def quality_check(task: str, comp: dict[str, Any], margin: float, min_items: int,
-                  recovery_floor: float | None) -> Check:
-    """Non-inferiority on one task's paired comparison (qgcore.stats.Comparison as a dict)."""
+def gate_check(name: str, section: type, anchor: Callable[[str, str], str]) \
+        -> Callable[[Callable[[Evidence, Any, float], list[Check]]], Callable[[Evidence, Any, float], list[Check]]]:
+    """Register a check: adding one is this decorator, its policy section dataclass and its YAML key."""
+    def register(fn: Callable[[Evidence, Any, float], list[Check]]) -> Callable[[Evidence, Any, float], list[Check]]:
+        CHECKS[name] = CheckSpec(name, section, fn, anchor)
+        return fn
+    return register
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Every registered check's section, validated (reports.policy). The defaults live in the shipped YAML."""
+
+    sections: dict[str, Any]
+
+    @property
+    def quality(self) -> QualityPolicy:
+        q = self.sections["quality"]
+        assert isinstance(q, QualityPolicy)
+        return q
+
+    def __getitem__(self, name: str) -> Any:
+        return self.sections[name]
+
+
+# ---- quality ---------------------------------------------------------------------------------------------
+
+def _lk(a: float) -> str:  # qgcore.stats.level_key, without importing numpy
+    return repr(float(a))
+
+
+def _fmt_level(a: float) -> str:
+    return f"{a:.3%}".rstrip("0").rstrip(".") if a < 0.01 else f"{a:.2%}".rstrip("0").rstrip(".")
+
+
+def task_p_value(comp: dict[str, Any], q: QualityPolicy) -> float:
+    """The task's p-value for "passes at level a" (pass iff p < a): non-inferiority, and the reference above
+    chance where the task has a chance rate; 1 where the task cannot decide (unpaired items, too few)."""
+    kind = "binary" if comp.get("binary") else "continuous"
+    if comp.get("n_unmatched") or comp["n_items"] < q.min_items[kind]:  # type: ignore[index]
+        return 1.0
+    p = float(comp["p_noninferior"])
+    if comp.get("chance") is not None:
+        p = max(p, float(comp.get("p_above_chance") if comp.get("p_above_chance") is not None else 1.0))
+    return p
+
+
+def quality_p_value(ev: Evidence, q: QualityPolicy) -> float:
+    """The variant's quality p-value: the largest over its tasks (it must pass every one); 1 when any task
+    cannot be scored or compared, or none was."""
+    run = ev.eval or {}
+    if run.get("status") not in ("served", "emulated"):
+        return 1.0
+    if run.get("engine") == EMULATED and not q.allow_emulated:
+        return 1.0
+    ps = []
+    for task, res in (run.get("tasks") or {}).items():
+        if str(res.get("status", "")).startswith("skipped"):
+            continue
+        if res.get("status") != SCORED or task not in ev.comparisons:
+            return 1.0
+        ps.append(task_p_value(ev.comparisons[task], q))
+    return max(ps) if ps else 1.0
+
+
+def _interval(comp: dict[str, Any], level: float) -> tuple[float, float]:
+    lo, hi = comp["intervals"].get(_lk(level), [float("nan"), float("nan")])
+    return float(lo), float(hi)
+
+
+def _seq_text(comp: dict[str, Any]) -> str:
+    s = comp.get("sequential")
+    if not s:
+        return ""
+    j, k = s["stopped_at"] + 1, len(s["looks"])
+    return (f"; group-sequential, look {j} of {k}: {s['items_scored']} of {s['items_planned']} items "
+            f"({s['items_saved']} saved), repeated CI")
+
+
+def quality_task_check(task: str, comp: dict[str, Any], q: QualityPolicy, level: float, *,
+                       ref_name: str = "the reference") -> Check:
+    """Non-inferiority on one task's paired comparison at one-sided `level`."""
     hib = comp["higher_is_better"]
-    lo, hi, d = comp["ci_low"], comp["ci_high"], comp["delta"]
-    level = comp.get("level", 0.95)
-    # Express everything as "how much worse", so one rule serves both metric directions.
-    worse_best, worse_worst = (-hi, -lo) if hib else (lo, hi)
-    nums = {"delta": d, "ci_low": lo, "ci_high": hi, "level": level, "ci_method": comp.get("ci_method"),
-            "margin": margin, "n_items": comp["n_items"], "n_unmatched": comp.get("n_unmatched", 0),
-            "recovery": comp.get("recovery"), "higher_is_better": hib}
-    ci = f"delta {d:+.4f} ({level:.1%} CI {lo:+.4f}..{hi:+.4f}), margin {margin:.4f}, n={comp['n_items']}"
-    unmatched = comp.get("n_unmatched", 0)
-    if unmatched:
-        return Check(f"quality:{task}", "inconclusive",
-                     f"{task}: {unmatched} items scored by only one of bf16/variant: not a paired comparison; "
-                     f"rerun eval for both; {ci}", nums)
-    chance, base_low = comp.get("chance"), comp.get("baseline_ci_low")
-    if chance is not None and base_low is not None and not base_low > chance:
-        nums |= {"chance": chance, "baseline_ci_low": base_low, "recovery": None}
-        return Check(f"quality:{task}", "inconclusive",
-                     f"{task}: bf16 scores {comp.get('baseline', float('nan')):.3f} (CI low {base_low:.3f}), "
-                     f"not above chance {chance:.3f}: this task decides nothing here", nums)
-    rec = comp.get("recovery")
-    low_recovery = recovery_floor is not None and rec is not None and rec < recovery_floor
-    rec_txt = f"; recovery {rec:.1%} < floor {recovery_floor:.0%}" if low_recovery else ""
-    if _exceeds(worse_best, margin):
-        return Check(f"quality:{task}", "fail", f"{task}: worse than bf16 beyond the margin: {ci}{rec_txt}", nums)
-    if comp["n_items"] < min_items:
-        return Check(f"quality:{task}", "inconclusive",
-                     f"{task}: only {comp['n_items']} items (< {min_items}): too few to show non-inferiority; "
-                     f"{ci}{rec_txt}", nums)
-    if low_recovery and recovery_floor is not None:
-        # Like the margin, the floor fails only when even the CI's best case is below it: near-chance
-        # baselines make the point estimate of a ratio swing with a single flipped item.
-        best = _best_recovery(comp)
-        if best is not None and best < recovery_floor:
-            return Check(f"quality:{task}", "fail",
-                         f"{task}: recovery {rec:.1%} (at best {best:.1%}) < floor {recovery_floor:.0%}; {ci}", nums)
-        return Check(f"quality:{task}", "inconclusive",
-                     f"{task}: recovery {rec:.1%} < floor {recovery_floor:.0%}, but the CI reaches the floor; {ci}",
+    lo, hi = _interval(comp, level)
+    d, margin = comp["delta"], comp["margin"]
+    kind = "binary" if comp.get("binary") else "continuous"
+    nums = {"delta": d, "ci_low": lo, "ci_high": hi, "level": level, "method": comp.get("method"), "margin": margin,
+            "n_items": comp["n_items"], "n_unmatched": comp.get("n_unmatched", 0), "recovery": comp.get("recovery"),
+            "higher_is_better": hib, "p_noninferior": comp["p_noninferior"], "p_inferior": comp["p_inferior"],
+            "sequential": comp.get("sequential")}
+    ci = (f"delta {d:+.4f} (bounds at {_fmt_level(level)} one-sided: {lo:+.4f}..{hi:+.4f}), margin {margin:.4f}, "
+          f"n={comp['n_items']}{_seq_text(comp)}")
+    name = f"quality:{task}"
+    if comp.get("n_unmatched"):
+        return Check(name, "inconclusive", f"{task}: {comp['n_unmatched']} items scored by only one of "
+                     f"{ref_name}/variant: not a paired comparison; rerun eval for both; {ci}", nums)
+    chance = comp.get("chance")
+    if chance is not None and not (comp.get("p_above_chance") is not None and comp["p_above_chance"] < level):
+        nums |= {"chance": chance, "p_above_chance": comp.get("p_above_chance"), "recovery": None}
+        return Check(name, "inconclusive", f"{task}: {ref_name} scores {comp.get('baseline', float('nan')):.3f}, "
+                     f"not shown above chance {chance:.3f} at {_fmt_level(level)}: this task decides nothing here",
                      nums)
-    if _exact(worse_worst) < _exact(margin):  # strict: a bound sitting on the margin does not pass
-        return Check(f"quality:{task}", "pass", f"{task}: non-inferior: {ci}", nums)
-    return Check(f"quality:{task}", "inconclusive", f"{task}: CI too wide to decide: {ci}", nums)
+    if comp["p_inferior"] < level:
+        return Check(name, "fail", f"{task}: worse than {ref_name} beyond the margin: {ci}", nums)
+    floor = comp.get("floor")
+    if floor is not None and comp.get("p_below_floor") is not None and comp["p_below_floor"] < level:
+        best = comp.get("recovery_upper", {}).get(_lk(level))
+        nums |= {"floor": floor, "recovery_upper": best}
+        return Check(name, "fail", f"{task}: recovery {comp['recovery']:.1%} (at best {best:.1%}) shown below the "
+                     f"floor {floor:.0%}; {ci}", nums)
+    need = q.min_items[kind]  # type: ignore[index]
+    if comp["n_items"] < need:
+        return Check(name, "inconclusive", f"{task}: only {comp['n_items']} items (< {need} for a {kind} metric): "
+                     f"too few to show non-inferiority; {ci}", nums)
+    if comp["p_noninferior"] < level:
+        return Check(name, "pass", f"{task}: non-inferior: {ci}", nums)
+    if comp.get("method", "").endswith("undefined here"):
+        return Check(name, "inconclusive", f"{task}: the BCa interval is undefined on these items (no percentile "
+                     f"fallback): {ci}", nums)
+    return Check(name, "inconclusive", f"{task}: CI too wide to decide: {ci}", nums)
 
 
-def _best_recovery(comp: dict[str, Any]) -> float | None:
-    base = comp.get("baseline")
-    if not base:
-        return None
-    if comp["higher_is_better"]:
-        return float((base + comp["ci_high"]) / base)
-    worst_case_low = float(base + comp["ci_low"])
-    return float(base / worst_case_low) if worst_case_low > 0 else None
+def _quality_anchor(check: str, variant: str) -> str:
+    task = check.split(":", 1)[1] if ":" in check else ""
+    return f"#task-{task}" if task and task not in ("serve", "eval", "engine", "tasks") else "#quality"
 
 
-def _quality(name: str, family: str, ev: dict[str, Any], policy: GatePolicy,
-             recipe: RecipeGate) -> list[Check]:
-    status = ev.get("status")
-    if status is None:
-        return [Check("quality:eval", "inconclusive", f"{name} has no eval.json: run `make eval`")]
-    if status == "failed":
-        why = ev.get("reason") or "no eval result"
-        return [Check("quality:serve", "fail", f"{name} could not be served and scored: {why}")]
-    if status == "unsupported" and ev.get("engine") != EMULATED:
-        return [Check("quality:serve", "inconclusive", f"{ev.get('reason')}; rerun on hardware that has the kernels "
-                      "or use --emulate-unsupported")]
+@gate_check("quality", QualityPolicy, _quality_anchor)
+def quality_checks(ev: Evidence, q: QualityPolicy, level: float) -> list[Check]:
+    run = ev.eval
+    ref = ev.reference
+    if run is None:
+        return [Check("quality:eval", "inconclusive", f"{ev.name} has no eval.json: run `make eval`")]
+    status = run.get("status")
+    if failed(status):
+        return [Check("quality:serve", "fail", f"{ev.name} could not be served and scored ({status}): "
+                      f"{run.get('reason') or 'no reason recorded'}")]
+    if status == "unsupported":
+        return [Check("quality:serve", "inconclusive", f"{run.get('reason')}; measure it on a platform that has the "
+                      "kernels, or score it with --emulate-unsupported")]
     checks = []
-    emulated = ev.get("engine") == EMULATED
-    if emulated and not policy.allow_emulated:
+    emulated = run.get("engine") == EMULATED
+    if emulated and not q.allow_emulated:
         checks.append(Check("quality:engine", "inconclusive",
                             f"scores are {EMULATED}, not vLLM serving: cannot promote on emulation alone"))
-    comps = ev.get("comparisons") or {}
-    for task, tres in (ev.get("tasks") or {}).items():
-        if tres.get("status") == "skipped":
-            checks.append(Check(f"quality:{task}", "skipped", f"{task} skipped: {tres.get('reason')}"))
+    ref_tasks = (ev.reference_eval or {}).get("tasks") or {}
+    for task, res in (run.get("tasks") or {}).items():
+        st = str(res.get("status"))
+        if st.startswith("skipped"):
+            checks.append(Check(f"quality:{task}", "skipped", f"{task} skipped: {res.get('reason')}"))
             continue
-        if task not in comps:
-            checks.append(Check(f"quality:{task}", "fail", f"{task}: no paired comparison with bf16"))
+        if failed(st):
+            checks.append(Check(f"quality:{task}", "fail", f"{task} could not be scored on {ev.name} ({st}): "
+                                f"{res.get('reason')}"))
             continue
-        comp = comps[task]
-        margin = margin_for(policy, family, comp["metric"], recipe)
-        floor = recipe.recovery_min if recipe.recovery_min is not None else policy.recovery_min.get(family)
-        c = quality_check(task, comp, margin, policy.min_items, floor)
+        rt = ref_tasks.get(task) or {}
+        if rt.get("status") != SCORED:
+            checks.append(Check(f"quality:{task}", "inconclusive", f"{task}: {ref} has no score to compare with "
+                                f"({rt.get('status', 'not scored')}: {rt.get('reason') or 'no result'})"))
+            continue
+        if task not in ev.comparisons:
+            checks.append(Check(f"quality:{task}", "inconclusive", f"{task}: no paired comparison with {ref}"))
+            continue
+        c = quality_task_check(task, ev.comparisons[task], q, level, ref_name=ref)
         if emulated:
             c = Check(c.name, c.outcome, f"{c.reason} [{EMULATED}]", c.numbers)
         checks.append(c)
-    if not any(c.name.startswith("quality:") and c.outcome != "skipped" and c.name != "quality:engine"
-               for c in checks):
+    if not any(c.outcome != "skipped" and c.name != "quality:engine" for c in checks):
         checks.append(Check("quality:tasks", "inconclusive", "no task was scored: nothing shows quality"))
     return checks
 
 
-def _perf(bench: dict[str, Any] | None, base_bench: dict[str, Any] | None, policy: GatePolicy) -> list[Check]:
+# ---- performance, memory, divergence --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PerformancePolicy:
+    __pydantic_config__ = {"extra": "forbid"}
+    # the variant's output tok/s at its capacity must be at least (1 - margin) x the reference's, shown on
+    # the interval of repeated interleaved levels (non-inferiority, like quality); null turns it off
+    throughput_margin: float | None
+    require_slo: bool  # some load must meet the latency SLO
+
+    def __post_init__(self) -> None:
+        if self.throughput_margin is not None and not 0 <= self.throughput_margin < 1:
+            raise ValueError("performance.throughput_margin must be in [0, 1) or null")
+
+
+def _bench_anchor(check: str, variant: str) -> str:
+    return f"#bench-{variant}"
+
+
+@gate_check("performance", PerformancePolicy, _bench_anchor)
+def performance_checks(ev: Evidence, p: PerformancePolicy, level: float) -> list[Check]:
+    bench = ev.bench
     if bench is None:
         return [Check("performance:bench", "inconclusive", "no bench.json: run `make bench`")]
-    if bench.get("status") not in ("ok",):
-        outcome: Outcome = "inconclusive" if bench.get("status") == "unsupported" else "fail"
-        return [Check("performance:bench", outcome, f"bench {bench.get('status')}: {bench.get('reason')}")]
+    status = bench.get("status")
+    if status != "served":
+        outcome: Outcome = "inconclusive" if status in ("unsupported", "skipped:unservable") else "fail"
+        return [Check("performance:bench", outcome, f"bench {status}: {bench.get('reason')}")]
     checks = []
-    point = bench.get("slo_point")
+    cap = bench.get("capacity") or {}
     slo = bench.get("slo", {})
     slo_txt = f"TTFT p95 <= {slo.get('ttft_p95_s')} s, ITL p95 <= {slo.get('itl_p95_ms')} ms"
-    if policy.require_slo:
-        if point is None:
-            checks.append(Check("performance:latency_slo", "fail", f"no concurrency level meets the SLO ({slo_txt})"))
+    if p.require_slo:
+        if not cap.get("load"):
+            checks.append(Check("performance:latency_slo", "fail", f"no load meets the SLO ({slo_txt})",
+                                {"capacity": cap}))
         else:
-            checks.append(Check("performance:latency_slo", "pass",
-                                f"meets the SLO ({slo_txt}) up to concurrency {point['concurrency']}",
-                                {"concurrency": point["concurrency"]}))
-    if policy.throughput_floor_vs_bf16 is not None:
-        base_point = (base_bench or {}).get("slo_point")
-        if point is None or base_point is None:
-            who = "variant" if point is None else "bf16"
-            checks.append(Check("performance:throughput", "fail" if point is None else "inconclusive",
-                                f"no SLO point for {who}: throughput at the SLO cannot be compared"))
+            checks.append(Check("performance:latency_slo", "pass", f"meets the SLO ({slo_txt}) up to "
+                                f"{cap['load_kind']} {cap['load']}", {"capacity": cap}))
+    if p.throughput_margin is not None:
+        ratio = bench.get("throughput_vs_reference")
+        floor = 1 - p.throughput_margin
+        if not ratio:
+            who = ev.reference if ev.reference_bench is None or not (ev.reference_bench.get("capacity") or {}).get(
+                "load") else ev.name
+            checks.append(Check("performance:throughput", "inconclusive" if who == ev.reference else "fail",
+                                f"no throughput at capacity for {who}: nothing to compare", {}))
         else:
-            ratio = point["output_tokens_per_s"] / base_point["output_tokens_per_s"]
-            floor = policy.throughput_floor_vs_bf16
-            txt = (f"{point['output_tokens_per_s']:.1f} tok/s at c={point['concurrency']} vs bf16 "
-                   f"{base_point['output_tokens_per_s']:.1f} tok/s at c={base_point['concurrency']} "
-                   f"= {ratio:.2f}x (floor {floor:.2f}x)")
-            checks.append(Check("performance:throughput", "pass" if ratio >= floor else "fail", txt,
-                                {"ratio": ratio, "floor": floor}))
-    if policy.max_memory_bytes is not None:
-        mem = bench.get("memory", {})
-        peak = mem.get("server_gpu_bytes_peak") or mem.get("server_rss_bytes_peak")
-        if peak is None:
-            checks.append(Check("memory:cap", "inconclusive", "no memory measurement"))
-        else:
-            ok = peak <= policy.max_memory_bytes
-            checks.append(Check("memory:cap", "pass" if ok else "fail",
-                                f"peak {peak / 2**30:.2f} GiB ({mem.get('kind')}) vs cap "
-                                f"{policy.max_memory_bytes / 2**30:.2f} GiB", {"peak_bytes": peak}))
+            lo, hi = ratio["low"], ratio["high"]
+            nums = ratio | {"floor": floor}
+            txt = (f"{ratio['ratio']:.3f}x {ev.reference}'s output tok/s at capacity ({ratio['level']:.0%} interval "
+                   f"{lo:.3f}..{hi:.3f} over {ratio['pairs']} interleaved pairs), floor {floor:.2f}x")
+            outcome = "pass" if lo > floor else "fail" if hi < floor else "inconclusive"
+            checks.append(Check("performance:throughput", outcome, txt, nums))
     return checks
 
 
-def divergence_checks(div: dict[str, Any] | None, family: str, policy: GatePolicy) -> list[Check]:
-    """Caps on divergence from bf16 where the policy sets them; otherwise a note with the numbers (deciding
-    nothing: KL says how different, not how much worse)."""
-    cap, floor = policy.kl_p99_max.get(family), policy.top1_min.get(family)
-    if div is None or div.get("status") != "ok":
+@dataclass(frozen=True)
+class MemoryPolicy:
+    __pydantic_config__ = {"extra": "forbid"}
+    max_gib: float | None  # cap on what the variant needs: weights + KV bytes x context x concurrent sequences
+
+    def __post_init__(self) -> None:
+        if self.max_gib is not None and self.max_gib <= 0:
+            raise ValueError("memory.max_gib must be > 0 or null")
+
+
+@gate_check("memory", MemoryPolicy, lambda check, variant: "#memory")
+def memory_checks(ev: Evidence, p: MemoryPolicy, level: float) -> list[Check]:
+    if p.max_gib is None:
+        return []
+    mem = (ev.bench or {}).get("memory", {})
+    need = mem.get("need_bytes")
+    cap = int(p.max_gib * 2**30)
+    if need is None:
+        return [Check("memory:cap", "inconclusive", "the variant's memory need is unknown (no vLLM accounting of "
+                      "weights and KV cache in bench.json)", {"cap_bytes": cap})]
+    ok = need <= cap
+    return [Check("memory:cap", "pass" if ok else "fail", f"needs {need / 2**30:.2f} GiB ({mem.get('need_source')}) "
+                  f"vs cap {p.max_gib:.2f} GiB", {"need_bytes": need, "cap_bytes": cap})]
+
+
+@dataclass(frozen=True)
+class DivergencePolicy:
+    __pydantic_config__ = {"extra": "forbid"}
+    # Diagnostic by default (null: no cap): KL measures how *different* a variant is, not how much *worse*
+    kl_p99_max: dict[Literal["8bit", "4bit"], float | None]
+    top1_min: dict[Literal["8bit", "4bit"], float | None]
+
+    def __post_init__(self) -> None:
+        if any(v is not None and v <= 0 for v in self.kl_p99_max.values()) or \
+                any(v is not None and not 0 < v <= 1 for v in self.top1_min.values()):
+            raise ValueError("divergence.kl_p99_max must be > 0 and divergence.top1_min in (0, 1]")
+
+
+@gate_check("divergence", DivergencePolicy, lambda check, variant: "#divergence")
+def divergence_checks(ev: Evidence, p: DivergencePolicy, level: float) -> list[Check]:
+    """Caps on divergence from the reference where the policy sets them; otherwise a note with the numbers
+    (deciding nothing). A failed diagnostic never fails a variant unless the policy caps it."""
+    div = ev.divergence
+    cap, floor = p.kl_p99_max.get(ev.family), p.top1_min.get(ev.family)  # type: ignore[call-overload]
+    if div is None or div.get("status") != "measured":
         why = "no divergence.json (eval ran with --divergence-docs 0)" if div is None else \
             f"divergence {div.get('status')}: {div.get('reason')}"
         if cap is None and floor is None:
             return [Check("divergence", "skipped", f"{why}; diagnostic only (no cap in the policy)")]
-        return [Check("divergence", "inconclusive", f"{why}; the policy caps divergence for {family}: rerun eval "
+        return [Check("divergence", "inconclusive", f"{why}; the policy caps divergence for {ev.family}: rerun eval "
                       "with --divergence-docs N")]
     o = div.get("overall", {})
     kl99, top1 = float(o["kl_p99"]), float(o["top1_agreement"])
     nums = {"kl_mean": o.get("kl_mean"), "kl_p99": kl99, "top1_agreement": top1, "n_tokens": o.get("n_tokens"),
             "engine": div.get("engine"), "kl_p99_max": cap, "top1_min": floor}
-    txt = (f"KL from bf16 mean {o.get('kl_mean', float('nan')):.4f}, p99 {kl99:.4f} nats; top-1 agreement "
+    txt = (f"KL from {ev.reference} mean {o.get('kl_mean', float('nan')):.4f}, p99 {kl99:.4f} nats; top-1 agreement "
            f"{top1:.3f} over {o.get('n_tokens')} tokens ({div.get('engine')})")
     if cap is None and floor is None:
         return [Check("divergence", "skipped", f"{txt}; diagnostic only (no cap in the policy)", nums)]
     checks = []
     if cap is not None:
-        bad = _exact(kl99) > _exact(cap)
+        bad = kl99 > cap
         checks.append(Check("divergence:kl_p99", "fail" if bad else "pass",
-                            f"{txt}; p99 {'above' if bad else 'within'} the cap {cap} for {family}", nums))
+                            f"{txt}; p99 {'above' if bad else 'within'} the cap {cap} for {ev.family}", nums))
     if floor is not None:
-        bad = _exact(top1) < _exact(floor)
+        bad = top1 < floor
+        where = "below" if bad else "at or above"
         checks.append(Check("divergence:top1", "fail" if bad else "pass",
-                            f"{txt}; top-1 agreement {'below' if bad else 'at or above'} {floor} for {family}", nums))
+                            f"{txt}; top-1 agreement {where} {floor} for {ev.family}", nums))
     return checks
 
 
-def decide_variant(name: str, family: str, ev: dict[str, Any] | None, bench: dict[str, Any] | None,
-                   base_bench: dict[str, Any] | None, policy: GatePolicy, recipe: RecipeGate | None = None,
-                   bytes_on_disk: int | None = None, div: dict[str, Any] | None = None) -> Decision:
-    """One variant's verdict and every check behind it. `ev["comparisons"]` must be at the family-wise level."""
-    checks = _quality(name, family, ev or {}, policy, recipe or RecipeGate()) + _perf(bench, base_bench, policy)
-    checks += divergence_checks(div, family, policy)
-    outcomes = {c.outcome for c in checks}
-    verdict: Verdict = "reject" if "fail" in outcomes else "inconclusive" if "inconclusive" in outcomes else "promote"
-    point = (bench or {}).get("slo_point") or {}
-    return Decision(name, verdict, checks, point.get("usd_per_1m_output_tokens"), bytes_on_disk)
+# ---- the verdict ------------------------------------------------------------------------------------------
+
+def decide(evidence: dict[str, Evidence], policy: GatePolicy, *, k: int) -> list[Decision]:
+    """Every variant's verdict: quality p-values, Holm levels over the k declared variants, then every
+    registered check at the variant's level."""
+    q = policy.quality
+    pvals = {name: quality_p_value(ev, q) for name, ev in evidence.items()}
+    levels = holm_levels(pvals, k, q.alpha, q.multiplicity)
+    out = []
+    for name, ev in evidence.items():
+        checks = [c for spec in CHECKS.values() for c in spec.run(ev, policy[spec.name], levels[name])]
+        outcomes = {c.outcome for c in checks}
+        verdict: Verdict = "reject" if "fail" in outcomes else "inconclusive" if "inconclusive" in outcomes \
+            else "promote"
+        cap = (ev.bench or {}).get("capacity") or {}
+        out.append(Decision(name, verdict, checks, levels[name], pvals[name], cap.get("usd_per_1m_output_tokens"),
+                            ev.bytes_on_disk))
+    return out
 
 
 def recommend(decisions: list[Decision]) -> Decision | None:
-    """The cheapest promoted variant: lowest $/1M output tokens at its SLO point, then fewest bytes."""
+    """The cheapest promoted variant: lowest $/1M output tokens at its capacity, then fewest bytes."""
     ok = [d for d in decisions if d.verdict == "promote"]
     if not ok:
         return None
     return min(ok, key=lambda d: (d.cost_per_1m if d.cost_per_1m is not None else float("inf"),
                                   d.bytes_on_disk or 0, d.variant))
+
+
+def anchor(check: str, variant: str) -> str:
+    """Where a verdict row's evidence is in the report."""
+    spec = CHECKS.get(check.split(":", 1)[0])
+    return spec.anchor(check, variant) if spec else "#verdict-table"

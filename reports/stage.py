@@ -8,7 +8,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from qgcore.errors import EXIT_GATE_REJECTED, EXIT_OK, ConfigError
-from reports.data import build_report_data, build_verdict, load_run
+from reports.data import build_report_data, build_verdict
 from reports.policy import load_policy
 from reports.render import render
 
@@ -37,19 +37,23 @@ def junit_xml(verdict: dict) -> str:
 def run_gate(run_dir: Path, *, policy_path: Path | None, require: str | None, junit: Path | None,
              verify: bool = False) -> int:
     policy = load_policy(policy_path)
-    verdict = build_verdict(run_dir, policy, load_run(run_dir, verify=verify))
+    verdict = build_verdict(run_dir, policy, verify=verify)
     if require is not None and require not in verdict["variants"]:
         raise ConfigError(f"--require {require}: no such variant in {run_dir} "
                           f"(have: {', '.join(verdict['variants'])})")
-    (run_dir / "verdict.json").write_text(json.dumps(verdict, indent=1) + "\n")
+    tmp = run_dir / "verdict.json.tmp"
+    tmp.write_text(json.dumps(verdict, indent=1) + "\n")
+    tmp.replace(run_dir / "verdict.json")
     (junit or run_dir / "verdict.junit.xml").write_text(junit_xml(verdict))
+    fam = verdict["family"]
     for name, dec in verdict["variants"].items():
-        print(f"{name:>8}: {dec['verdict'].upper()}")
+        print(f"{name:>8}: {dec['verdict'].upper()}  (tested at one-sided {dec['level']:.4g}, quality p "
+              f"{dec['p_value']:.3g})")
         for c in dec["checks"]:
             print(f"          {c['outcome']:<12} {c['reason']}")
-    mult = verdict["multiplicity"]
-    print(f"intervals: {mult['level']:.2%} two-sided ({mult['correction']} over {mult['k']} variants, "
-          f"alpha {mult['alpha']}); Tango score for accuracy, BCa bootstrap for bits/byte")
+    print(f"family-wise: alpha {fam['alpha']} ({fam['correction']} over the {fam['k']} declared variants"
+          f"{'; absent: ' + ', '.join(fam['absent']) if fam['absent'] else ''}); Tango score for accuracy, BCa "
+          "bootstrap for bits/byte")
     rec = verdict["recommended"]
     print(f"recommended: {rec or 'none'}" + (f"\ndeploy: {verdict['deploy']['command']}" if rec else ""))
     print(f"wrote {run_dir / 'verdict.json'}", file=sys.stderr)
@@ -58,9 +62,26 @@ def run_gate(run_dir: Path, *, policy_path: Path | None, require: str | None, ju
     return EXIT_OK if verdict["passed"] else EXIT_GATE_REJECTED
 
 
-def run_report(run_dir: Path, *, policy_path: Path | None, verify: bool = False) -> int:
-    data = build_report_data(run_dir, load_policy(policy_path), verify=verify)
+def run_report(run_dir: Path) -> int:
+    data = build_report_data(run_dir)
     out = run_dir / "report.html"
     out.write_text(render(data))
     print(f"wrote {out}")
+    return EXIT_OK
+
+
+def run_deploy(run_dir: Path, *, every: bool = False) -> int:
+    """Deploy kits from verdict.json (promoted variants; every served one with `every`), validated."""
+    from reports.data import deploy_line, load_run, read_verdict
+    from reports.deploy import write_kits
+
+    verdict, _ = read_verdict(run_dir)
+    record, run = load_run(run_dir)
+    names = [n for n in verdict["variants"] if verdict["variants"][n]["verdict"] == "promote" or every]
+    lines = {n: deploy_line(run_dir, record, n, run[n]) for n in names}
+    kits = write_kits(run_dir, verdict, every, lines, {n: run[n]["bench"] or {} for n in run}, record.serving)
+    for name in kits:
+        print(f"deploy kit: {run_dir / 'deploy' / name} (validated: kubernetes-validate, KEDA fields, promtool)")
+    if not kits:
+        print("deploy: no promoted variant: no kit written (`quantgate deploy --all` writes one per served variant)")
     return EXIT_OK

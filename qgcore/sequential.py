@@ -1,0 +1,215 @@
+"""Group-sequential boundaries: Lan–DeMets alpha spending over K looks, the sequential p-value, and the
+repeated-CI level of each look.
+
+Scores arrive in looks (items in a seeded order fixed in advance). At look j the standardized statistic Z_j
+(here: Tango's score statistic for non-inferiority) is compared with a boundary c_j such that, under the
+null, the chance of crossing at *some* look is the spent alpha. Boundaries come from the canonical joint
+distribution of Z_1..Z_K (independent increments, corr(Z_i, Z_j) = sqrt(t_i / t_j)), computed by the
+recursive numerical integration of Jennison & Turnbull (2000, ch. 19) on their grid. Efficacy only: a
+futility stop (conditional power) is non-binding, so it never changes these boundaries or the error rate.
+
+Not in scipy/statsmodels, so written here and checked against published values (the LD O'Brien–Fleming
+boundaries of gsDesign / Jennison & Turnbull, Pocock's constant) and an independent implementation
+(scipy's multivariate normal CDF) in tests/unit/test_sequential.py.
+
+The sequential p-value of an observed path is the smallest total alpha at which it would have crossed:
+p = min_j a_j with c_j(a_j) = Z_j (each c_j falls as alpha grows). So "promote at level a" is p < a at
+any a, which is what Holm's step-down across variants and the intersection over tasks need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from statistics import NormalDist
+from typing import Literal
+
+import numpy as np
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+Spending = Literal["obf", "pocock"]
+_N01 = NormalDist()
+
+
+def spent(kind: Spending, alpha: float, t: float) -> float:
+    """Lan–DeMets cumulative alpha spent by information fraction t (0 < t <= 1).
+
+    obf: 2 - 2 Phi(z_{alpha/2} / sqrt t) (one-sided form: spends almost nothing early);
+    pocock: alpha ln(1 + (e - 1) t) (spends evenly: stops earliest when the answer is clear).
+    """
+    t = min(max(t, 0.0), 1.0)
+    if t == 0:
+        return 0.0
+    if kind == "obf":
+        return float(2.0 * (1.0 - _N01.cdf(_N01.inv_cdf(1.0 - alpha / 2.0) / math.sqrt(t))))
+    if kind == "pocock":
+        return float(alpha * math.log(1.0 + (math.e - 1.0) * t))
+    raise ValueError(f"unknown spending function '{kind}' (use obf or pocock)")
+
+
+def _grid(mean: float, sd: float, upper: float, r: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Jennison & Turnbull's grid for one look on the score scale (points and Simpson weights), from
+    mean - 8 sd up to the continuation bound `upper`."""
+    lo = mean - 8.0 * sd
+    upper = min(upper, mean + 8.0 * sd)  # an infinite bound (no alpha spent at this look) ends the grid there
+    if upper <= lo:
+        return np.array([lo]), np.array([0.0])
+    # denser near the mean, as J&T sec. 19.2.1 (their x_i, then Simpson midpoints); r = 16 gives the r = 32
+    # boundaries to 5 decimals at a third of the cost
+    i = np.arange(1, 6 * r)
+    x = np.where(i <= r - 1, mean + sd * (-3 - 4 * np.log(r / np.maximum(i, 1))),
+                 np.where(i <= 5 * r, mean + sd * (-3 + 3 * (i - r) / (2 * r)),
+                          mean + sd * (3 + 4 * np.log(r / np.maximum(6 * r - i, 1)))))
+    x = np.concatenate([[lo], x[(x > lo) & (x < upper)], [upper]])
+    x = np.unique(x)
+    mids = (x[:-1] + x[1:]) / 2
+    pts = np.empty(2 * len(x) - 1)
+    pts[0::2], pts[1::2] = x, mids
+    w = np.zeros_like(pts)
+    h = np.diff(x)
+    w[0:-1:2] += h / 6
+    w[1::2] += 4 * h / 6
+    w[2::2] += h / 6
+    return pts, w
+
+
+@dataclass(frozen=True)
+class Design:
+    """K looks at information fractions `fractions` (the last is 1), efficacy spending `spending`."""
+
+    fractions: tuple[float, ...]
+    spending: Spending = "obf"
+
+    def __post_init__(self) -> None:
+        f = self.fractions
+        if not f or any(b <= a for a, b in zip(f, f[1:], strict=False)) or not 0 < f[0] or abs(f[-1] - 1) > 1e-12:
+            raise ValueError(f"look fractions must increase from >0 to 1, got {f}")
+
+    def boundaries(self, alpha: float) -> tuple[float, ...]:
+        return _boundaries(self.fractions, self.spending, round(alpha, 15))
+
+    def crossing_probabilities(self, bounds: Sequence[float], drift: float = 0.0) -> list[float]:
+        """P(first crossing at look j) for upper bounds `bounds` when E[Z_K] = drift (0: the null)."""
+        return _crossings(self.fractions, tuple(bounds), drift)
+
+    def p_value(self, z: Sequence[float]) -> float:
+        """Smallest total alpha at which the observed Z_1..Z_J (J <= K looks) crosses some boundary."""
+        table = _level_table(self.fractions, self.spending)
+        best = 1.0
+        for j, zj in enumerate(z):
+            if not math.isfinite(zj):
+                if zj > 0:
+                    return 0.0
+                continue
+            best = min(best, _level_at(table, j, zj))
+        return best
+
+
+def _continue_density(t_prev: float, pts: np.ndarray, dens: np.ndarray, w: np.ndarray, t: float, upper: float,
+                      drift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """One step of the recursion on the score scale S = Z sqrt(t) (B-values): the density of S_t on the
+    continuation region (below `upper`) and the probability of crossing it."""
+    dt = t - t_prev
+    sd = math.sqrt(dt)
+    cross = float(np.sum(w * dens * norm.sf((upper - pts - drift * dt) / sd)))
+    mean = drift * t
+    new_pts, new_w = _grid(mean, math.sqrt(t), upper)
+    kern = norm.pdf((new_pts[:, None] - pts[None, :] - drift * dt) / sd) / sd
+    return new_pts, kern @ (w * dens), new_w, cross
+
+
+def _first_look(t: float, upper: float, drift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    sd = math.sqrt(t)
+    pts, w = _grid(drift * t, sd, upper)
+    return pts, norm.pdf((pts - drift * t) / sd) / sd, w, float(norm.sf((upper - drift * t) / sd))
+
+
+def _crossings(fractions: tuple[float, ...], bounds: tuple[float, ...], drift: float) -> list[float]:
+    out = []
+    pts = dens = w = None
+    t_prev = 0.0
+    for t, c in zip(fractions, bounds, strict=True):
+        upper = c * math.sqrt(t)
+        if pts is None:
+            pts, dens, w, cross = _first_look(t, upper, drift)
+        else:
+            pts, dens, w, cross = _continue_density(t_prev, pts, dens, w, t, upper, drift)
+        out.append(cross)
+        t_prev = t
+    return out
+
+
+@lru_cache(maxsize=256)
+def _boundaries(fractions: tuple[float, ...], spending: Spending, alpha: float) -> tuple[float, ...]:
+    bounds: list[float] = []
+    pts = dens = w = None
+    t_prev, used = 0.0, 0.0
+    for t in fractions:
+        target = spent(spending, alpha, t) - used
+        if pts is None:
+            c = float(norm.isf(target)) if target > 0 else math.inf
+            pts, dens, w, cross = _first_look(t, c * math.sqrt(t), 0.0)
+        else:
+            def excess(c: float, pts=pts, dens=dens, w=w, t_prev=t_prev, t=t, target=target) -> float:
+                dt = t - t_prev
+                return float(np.sum(w * dens * norm.sf((c * math.sqrt(t) - pts) / math.sqrt(dt)))) - target
+
+            c = brentq(excess, -10.0, 40.0, xtol=1e-10) if target > 0 else math.inf
+            pts, dens, w, cross = _continue_density(t_prev, pts, dens, w, t, c * math.sqrt(t), 0.0)
+        bounds.append(c)
+        used += cross
+        t_prev = t
+    return tuple(bounds)
+
+
+_LEVELS = np.geomspace(1e-7, 0.5, 161)  # total alphas the p-value is read off (log-interpolated between)
+
+
+@lru_cache(maxsize=64)
+def _level_table(fractions: tuple[float, ...], spending: Spending) -> np.ndarray:
+    """Boundaries c_j(a) for a on _LEVELS: rows are levels, columns looks (each column falls as a grows)."""
+    return np.array([_boundaries(fractions, spending, float(a)) for a in _LEVELS])
+
+
+def _level_at(table: np.ndarray, look: int, z: float) -> float:
+    """The total alpha a with c_look(a) = z (log-linear interpolation on the table; clamped to its range)."""
+    col = table[:, look]
+    if z >= col[0]:
+        return float(_LEVELS[0]) if z == col[0] else _extrapolate_small(col, z)
+    if z < col[-1]:
+        return 1.0  # would not cross even at alpha = 0.5: as good as no evidence
+    i = int(np.searchsorted(-col, -z))  # col decreasing: first index with col <= z
+    a0, a1, c0, c1 = _LEVELS[i - 1], _LEVELS[i], col[i - 1], col[i]
+    frac = (c0 - z) / (c0 - c1) if c0 != c1 else 0.0
+    return float(math.exp(math.log(a0) + frac * (math.log(a1) - math.log(a0))))
+
+
+def _extrapolate_small(col: np.ndarray, z: float) -> float:
+    """Beyond the smallest tabulated level: a bound below 1e-7, reported as the tail of a normal at z
+    scaled by the first level's ratio (only ever compared with levels >= 1e-4)."""
+    return float(min(_LEVELS[0], norm.sf(z) * _LEVELS[0] / max(norm.sf(col[0]), 1e-300)))
+
+
+def equal_looks(n_items: int, looks: int) -> tuple[int, ...]:
+    """Cumulative item counts of `looks` equally sized looks over n_items (the last is n_items)."""
+    if looks < 1 or n_items < looks:
+        raise ValueError(f"cannot split {n_items} items into {looks} looks")
+    return tuple(round(n_items * (j + 1) / looks) for j in range(looks))
+
+
+def conditional_power(z: float, t: float, final_bound: float, drift: float) -> float:
+    """P(Z_K >= final_bound | Z_t = z) when E[Z_K] = drift (B-value: B_K - B_t ~ N(drift (1 - t), 1 - t))."""
+    if t >= 1:
+        return 1.0 if z >= final_bound else 0.0
+    b = z * math.sqrt(t)
+    return float(norm.sf((final_bound - b - drift * (1 - t)) / math.sqrt(1 - t)))
+
+
+def rci_level(design: Design, alpha: float, look: int) -> float:
+    """The one-sided nominal level of look `look`'s repeated confidence bound: 1 - Phi(c_look(alpha)).
+    The bound at that level holds simultaneously over all looks with probability >= 1 - alpha."""
+    return float(norm.sf(design.boundaries(alpha)[look]))
+
