@@ -185,6 +185,13 @@ def workload_args(w: Workload, seed: int) -> list[str]:
             str(w.output_len), "--ignore-eos", "--seed", str(seed)]
 
 
+class LoadError(RuntimeError):
+    """The load generator failed (no result, or past its timeout) while the server was up: `failed:load`."""
+
+    code = "failed:load"
+    log_tail: list[str] = []
+
+
 class BenchServer:
     """One variant's bench server with its load client and memory samplers, up for as long as it is needed."""
 
@@ -257,12 +264,15 @@ class BenchServer:
                 "--result-filename", result.name, "--disable-tqdm"]
         started = time.time()
         with MetricsScraper(self.server.url, self.cfg.scrape_interval_s) as scraper:
-            text = self.client.run(argv, timeout=3600)
+            try:
+                text = self.client.run(argv, timeout=3600)
+            except subprocess.TimeoutExpired:
+                raise LoadError(f"vllm bench serve at concurrency {load} ({tag}) ran past an hour: stopped") from None
         ended = time.time()
         (raw_dir / f"{tag}.log").write_text(text)
         if not result.is_file():
             tail = text.strip().splitlines()[-3:]
-            raise RuntimeError(f"vllm bench serve ({tag}) wrote no result: {' | '.join(tail)}")
+            raise LoadError(f"vllm bench serve at concurrency {load} ({tag}) wrote no result: {' | '.join(tail)}")
         raw = json.loads(result.read_text())
         lv: dict[str, Any] = {"workload": w.name, "load": load, "load_kind": "concurrency", "concurrency": load,
                               "phase": phase, "warmup": phase == "warmup", "repeat": repeat, "num_prompts": prompts,
@@ -481,6 +491,7 @@ class BenchStage:
                     ref_server.stop()  # no room for both: every reference block restarts (slower, recorded)
                     ref_server = None
                 offset = self.ctx.serving(ref).gpus if ref_server is not None else 0
+                bs = None
                 try:
                     bs = self._start(m, prom, self._devices(m, offset))
                     keep = False
@@ -492,8 +503,10 @@ class BenchStage:
                             ref_server = bs
                         else:
                             bs.stop()
-                except ServerError as err:
-                    self._write(self._empty(m, err.code, str(err)).model_copy(update={"server_log_tail": err.log_tail}))
+                except (ServerError, LoadError) as err:
+                    kept = bs.levels if bs is not None else []  # finished levels stay in the artifact
+                    self._write(self._empty(m, err.code, str(err)).model_copy(
+                        update={"server_log_tail": err.log_tail, "levels": kept}))
                     bad.append(m.recipe)
                     continue
                 run = self._artifact(m, result)
@@ -592,7 +605,21 @@ class BenchStage:
             got = prom.query_range(q, start - 2, end + 2)
             series[name] = [[float(t), float(v)] for t, v in got[0]["values"]] if got else []
         return {"queries": qs, "series": series, "scrape_interval_s": prom.scrape_interval_s,
-                "prometheus": "Debian prometheus (loopback, scraping the bench servers)"}
+                "prometheus": "Debian prometheus (loopback, scraping the bench servers)",
+                "raw": BenchStage._raw(prom, bs.name, start - 2, end + 2)}
+
+    @staticmethod
+    def _raw(prom: promlib.PrometheusServer, name: str, start: float, end: float) -> list[dict[str, Any]]:
+        """The latency histograms' cumulative buckets as scraped (ranks summed), one value per scrape on a
+        common grid (None where a scrape is missing): the deploy kit's promtool test replays them."""
+        step = prom.scrape_interval_s
+        grid = [round(start + i * step, 3) for i in range(int((end - start) / step) + 1)]
+        out = []
+        for metric in ("vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket"):
+            for s in prom.query_range(f'sum by (le, model_name) ({metric}{{model_name="{name}"}})', start, end, step):
+                got = {round(float(t), 3): float(v) for t, v in s["values"]}
+                out.append({"metric": {"__name__": metric, **s["metric"]}, "values": [got.get(t) for t in grid]})
+        return out
 
     def _empty(self, m: CheckpointManifest, status: str, reason: str) -> BenchRun:
         return BenchRun(variant=m.recipe, status=status, reason=f"not benched: {reason}", key=self.key(m),  # type: ignore[arg-type]

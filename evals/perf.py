@@ -291,7 +291,7 @@ def ratio_interval(pairs: list[tuple[float, float]], level: float) -> dict[str, 
         return None
     mean, lo, hi = t_interval(logs, level)
     return {"ratio": math.exp(mean), "low": math.exp(lo), "high": math.exp(hi), "level": level, "pairs": len(logs),
-            "per_pair": [v / r for r, v in pairs]}
+            "per_pair": [v / r for r, v in pairs if r > 0 and v > 0]}
 
 
 def max_sequences(kv_cache_tokens: int | None, context_len: int) -> float | None:

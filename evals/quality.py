@@ -230,7 +230,8 @@ def run_task(*, task: str, tm: Any, endpoint: Endpoint, generative: bool, limit:
     gen_kwargs = {"max_gen_toks": endpoint.gen_cap} if generative and endpoint.gen_cap else None
     try:
         out = lm_eval.simple_evaluate(
-            model=model, model_args=args if isinstance(model, str) else None, tasks=[task], limit=None if items else limit, samples=items, log_samples=True,
+            model=model, model_args=args if isinstance(model, str) else None, tasks=[task],
+            limit=None if items else limit, samples=items, log_samples=True,
             task_manager=tm, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed, bootstrap_iters=200, apply_chat_template=generative, verbosity="WARNING",
             gen_kwargs=gen_kwargs,

@@ -8,7 +8,7 @@ Formats (vLLM 0.32 source; the CPU ones also seen in this machine's server logs)
                                                               (v1/core/kv_cache_utils.py:2327, the engine: all ranks)
   both: "Filesystem type for checkpoints: %s. Checkpoint size: %.2f GiB. Available RAM: %.2f GiB."
                                                               (model_executor/model_loader/weight_utils.py:1108)
-  CPU: "Explicitly set (%s/%s) GiB for KV cache on node %d."  (v1/worker/cpu_worker.py:230, every rank)
+  CPU: "Explicitly set (%s/%s) GiB for KV cache on node %d."  (v1/worker/cpu_worker.py:260, every rank)
   /metrics: vllm:cache_config_info{block_size="16",cache_dtype="fp8",num_gpu_blocks="51934",...} 1.0
             (v1/metrics/loggers.py:1114; every CacheConfig field is a label)
 Every number comes back with its source, so an artifact can say where it came from. With tensor

@@ -185,7 +185,7 @@ class EvalRun(_Measured):
     manifest_key: str
     tasks: dict[str, TaskResult]
     server: dict[str, Any] = {}
-    kernels: dict[str, Any] = {}  # what vLLM chose (evals.kernels.read_log) and what the preflight expected
+    kernels: dict[str, Any] = {}  # what vLLM chose (qgcore.kernels.read_log) and what the preflight expected
     server_log_tail: list[str] = []
     provenance: dict[str, Any] = {}
     wall_seconds: float = 0.0

@@ -101,8 +101,28 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...], what: str) -> 
     return f"Unknown {what} '{name}'.{hint} Available: {listing}"
 
 
-def format_validation_error(source: object, err: Exception) -> str:
-    """One line for a pydantic ValidationError: `<source>: <field.path>: <what>` (strict schemas)."""
+def _fields_at(schema: object, path: tuple[object, ...]) -> list[str]:
+    """The field names of the (pydantic model or dataclass) type found at `path` inside `schema`."""
+    import dataclasses
+    import typing
+
+    t: object = schema
+    for key in path:
+        fields = getattr(t, "model_fields", None)
+        if isinstance(fields, dict):
+            t = fields[key].annotation if key in fields else None
+        elif isinstance(t, type) and dataclasses.is_dataclass(t):
+            t = typing.get_type_hints(t).get(str(key))
+        else:
+            return []
+    if isinstance(t, type) and dataclasses.is_dataclass(t):
+        return [f.name for f in dataclasses.fields(t)]
+    return list(getattr(t, "model_fields", None) or [])
+
+
+def format_validation_error(source: object, err: Exception, schema: object = None) -> str:
+    """One line for a pydantic ValidationError: `<source>: <field.path>: <what>` (strict schemas); with the
+    `schema` validated against, an unknown key names the closest known ones."""
     errors = getattr(err, "errors", None)
     if not callable(errors):
         return f"{source}: {err}"
@@ -110,10 +130,18 @@ def format_validation_error(source: object, err: Exception) -> str:
     loc = ".".join(str(x) for x in e["loc"] if x != "[key]") or "(top level)"
     if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         what = "unknown key (the schema is strict)"
+        path = tuple(x for x in e["loc"] if x != "[key]")
+        close = difflib.get_close_matches(str(path[-1]), _fields_at(schema, path[:-1]), n=3, cutoff=0.5) \
+            if schema is not None and path else []
+        if close:
+            what += f"; did you mean: {', '.join(close)}?"
     elif e["type"] == "literal_error":
         names = [n.strip().strip("'") for n in str(e.get("ctx", {}).get("expected", "")).replace(" or ", ", ")
                  .split(",") if n.strip()]
         what = did_you_mean(str(e.get("input")), names, "value")
     else:
         what = str(e["msg"]).removeprefix("Value error, ")
+        head = what.split(":", 1)[0]
+        if ":" in what and loc.endswith(head):  # a section's own check already names where it is
+            what = what.split(":", 1)[1].strip()
     return f"{source}: {loc}: {what}"

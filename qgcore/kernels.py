@@ -76,10 +76,18 @@ def _heads(model: dict[str, Any], tp: int) -> str | None:
 
 
 def _row_groups(parts: dict[str, tuple[int, int]], full: dict[str, tuple[int, int]], group: int, tp: int) -> str | None:
-    for name in ROW_PARALLEL:
-        if name in parts and group > 0 and parts[name][0] % group:
-            return (f"{name}: input per rank {parts[name][0]} (= {full[name][0]} / TP {tp}) is not a whole number "
-                    f"of {group}-wide quant groups (vllm/distributed/utils.py:75): lower the tensor-parallel size")
+    """CompressedTensorsWNA16.create_weights verifies every grouped layer's input per rank holds whole quant
+    groups (compressed_tensors_wNa16.py:155 -> vllm/distributed/utils.py:75), at any TP, after the kernel
+    choice; only channelwise (group -1) row-parallel scales are repeated instead."""
+    if group <= 0:
+        return None
+    for name, (k, _n) in parts.items():
+        if k % group:
+            if full[name][0] % group == 0:
+                return (f"{name}: input per rank {k} (= {full[name][0]} / TP {tp}) is not a whole number of "
+                        f"{group}-wide quant groups (vllm/distributed/utils.py:75): lower the tensor-parallel size")
+            return (f"{name}: input {full[name][0]} is not a whole number of {group}-wide quant groups "
+                    "(vllm/distributed/utils.py:75): quantize with a group size that divides it")
     return None
 
 
@@ -93,9 +101,13 @@ def check(quantization: dict[str, Any], shapes: dict[str, list[int]], model: dic
         return Support(False, scheme, "not servable at this TP", reason=why, sources=("vllm/config/model.py:1546",))
     weights = quantization.get("weights") or {}
     group = int(weights.get("group_size") or -1)
-    if on.kind == "cpu":
-        return _cpu(scheme, parts, group, kv_cache_dtype, on.cpu_isa)
-    return _cuda(scheme, parts, full, group, tp, on, quantization)
+    sup = _cpu(scheme, parts, group, kv_cache_dtype, on.cpu_isa) if on.kind == "cpu" else \
+        _cuda(scheme, parts, full, group, tp, on, quantization)
+    # every platform, once a kernel is chosen: the per-rank quant-group split
+    if sup.ok and scheme == "int4_w4a16" and (why := _row_groups(parts, full, group, tp)) is not None:
+        return Support(False, scheme, "not servable at this TP" if tp > 1 else "not servable", reason=why,
+                       sources=("vllm/distributed/utils.py:75",))
+    return sup
 
 
 def _cpu(scheme: str, parts: dict[str, tuple[int, int]], group: int, kv: str, isa: str | None) -> Support:
@@ -169,9 +181,6 @@ def _cuda(scheme: str, parts: dict[str, tuple[int, int]], full: dict[str, tuple[
                        sources=("vllm/model_executor/layers/quantization/utils/marlin_utils_fp8.py:109",),
                        native=False)
     if scheme == "int4_w4a16":
-        if (why := _row_groups(parts, full, group, tp)) is not None:
-            return Support(False, scheme, "not servable at this TP", reason=why,
-                           sources=("vllm/distributed/utils.py:75",))
         kernels, why = _int4_cuda(parts, group, cc)
         if why is not None:
             return Support(False, scheme, "not servable", reason=why,
@@ -203,7 +212,7 @@ _LOG_RULES: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("linear", re.compile(r"Using (\w+) for mixed-precision linear"),
      "vllm/model_executor/kernels/linear/__init__.py:923"),
     ("linear", re.compile(r"Selected (\w+) for (?:CompressedTensors\w+)"),
-     "vllm/model_executor/kernels/linear/__init__.py:798"),
+     "vllm/model_executor/kernels/linear/__init__.py:797"),
     ("linear", re.compile(r"Using (\w+) for NVFP4 GEMM"), "vllm/model_executor/kernels/linear/__init__.py:1240"),
     ("attention", re.compile(r"Using (\S+) attention backend out of potential backends"),
      "vllm/platforms/cuda.py:507"),

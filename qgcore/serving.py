@@ -73,7 +73,7 @@ class ServeConfig:
         if self.tensor_parallel > 1:
             # vLLM-CPU's default `auto` binding needs one NUMA node per rank (vllm/utils/ompmultiprocessing.py:
             # 216); an explicit `a,b|c,d` list gives each rank its own cores (ompmultiprocessing.py:152)
-            cores = self.cpu_cores or tuple(range(os.cpu_count() or 1))
+            cores = self.cpu_cores or tuple(sorted(os.sched_getaffinity(0)))
             per = max(len(cores) // self.tensor_parallel, 1)
             lists = [cores[i * per:(i + 1) * per] or cores[-1:] for i in range(self.tensor_parallel)]
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, c)) for c in lists)
@@ -174,9 +174,16 @@ def plan_serving(*, weight_bytes: int, model: Mapping[str, Any], on: Platform, t
     if tp_override is not None:
         tp, tp_src = tp_override, "--tensor-parallel"
     elif on.kind == "cuda" and on.gpu_memory_bytes:
-        tp = gpus_for(weight_bytes, on.gpu_memory_bytes, max_gpus=None)
-        tp_src = (f"weights {weight_bytes / 2**30:.1f} GiB x {HEADROOM} over {GPU_MEMORY_UTILIZATION} of "
-                  f"{on.gpu_memory_bytes / 2**30:.0f} GiB ({on.label})")
+        # vLLM refuses to start when the KV cache cannot hold one sequence of max_model_len tokens
+        # (vllm/v1/core/kv_cache_utils.py, check_enough_kv_cache_memory): weights x HEADROOM plus that sequence
+        kv = (kv_bytes_per_token(model, "auto") or 0) * ctx
+        tp = gpus_for(weight_bytes + kv / HEADROOM, on.gpu_memory_bytes, max_gpus=None)
+        heads = int(model.get("num_attention_heads") or 0)
+        fits = [t for t in (tp * 2**i for i in range(4)) if heads and t <= heads and heads % t == 0]
+        tp = fits[0] if fits else tp  # vllm/config/model.py:1546: heads % TP == 0 (else the preflight says so)
+        tp_src = (f"weights {weight_bytes / 2**30:.1f} GiB x {HEADROOM} + one {ctx}-token sequence's KV "
+                  f"{kv / 2**30:.1f} GiB over {GPU_MEMORY_UTILIZATION} of {on.gpu_memory_bytes / 2**30:.0f} GiB "
+                  f"({on.label})" + (f", divisible into {heads} heads" if heads else ""))
     else:
         tp, tp_src = 1, "one rank" + (" (CPU)" if on.kind == "cpu" else " (GPU memory unknown)")
     sources = {"max_model_len": ctx_src, "tensor_parallel": tp_src}

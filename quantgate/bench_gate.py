@@ -1,14 +1,19 @@
-"""`make bench-gate`: how often the gate promotes, by simulation through its real code.
+"""`make bench-gate`: what the gate promises, checked through its own code.
 
-Binary tasks: paired outcomes are drawn as multinomial counts of (both right, right->wrong, wrong->right,
-both wrong) for a true delta, a disagreement rate d and a baseline accuracy p0, for R runs per cell. Each
-distinct (n, wrong->right, right->wrong) is decided once by the project's own `qgcore.stats.compare` on an
-item set with exactly those counts and `reports.gate.quality_check` (the Tango interval depends on the
-counts alone, which tests/unit/test_gate_simulation.py checks), and weighted by how often it was drawn.
-Bits/byte: documents with realistic per-byte losses, damage concentrated in 10% of them, BCa over items.
+- Accuracy at the margin, *exactly*: the paired trinomial (both the same, right->wrong, wrong->right) at a
+  true delta of -margin is enumerated; each table is decided by the project's own comparison
+  (qgcore.stats.binary_comparison) and gate check (reports.gate.quality_task_check). For fixed wrong->right
+  counts, more right->wrong never helps (tested exhaustively), so the pass region is walked along its
+  boundary with real-gate calls. The chance and floor checks are off here: they only ever turn a pass into
+  inconclusive or fail, so this is the worst case of every gate configuration.
+- Bits/byte, by simulation: documents with realistic per-byte losses and three damage shapes (10% of
+  documents damaged; every document, heavy-tailed; 3% catastrophic), BCa over documents as the gate runs it.
+- Holm across variants, by simulation through reports.gate.decide (the family-wise rate with k declared).
+- Group-sequential scoring, by simulation: the eval stage's own stopping rule (qgcore.stats.settle) at each
+  look, the gate's own decision on the sequential comparison; false promotes, power and the share of items
+  scored, against fixed n on the same paths.
 
-Prints (and writes as JSON) the false-promote rate at the margin per cell, the power at true delta 0 and
--0.5 points, and the smallest drop promoted with 80% power.
+Prints the tables the README quotes and writes them as JSON.
 """
 
 from __future__ import annotations
@@ -17,193 +22,348 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from scipy.stats import binom
 
-from qgcore.stats import compare
-from reports.gate import quality_check
+from qgcore.quality import QualityPolicy, RecipeGate
+from qgcore.sequential import Design, equal_looks
+from qgcore.stats import SequentialSpec, binary_comparison, compare, counts_common, settle, tango_statistic
+from reports.gate import Evidence, GatePolicy, decide, quality_task_check
 from reports.policy import load_policy
 
-SIZES = (100, 150, 273, 600, 1000)  # every n the tool scores: min_items, demo LIMIT, qg_mmlu_dev, qg_stdlib_cont
-BENCH_SIZES = (*SIZES, 12032)  # + MMLU-Pro's test split
+SIZES = (100, 150, 200, 273, 600, 1000, 12032)  # min_items, demo and bench sizes, qg_mmlu_dev, qg_stdlib_cont, MMLU-Pro
 DISAGREE = (0.02, 0.05, 0.10, 0.20)
 BASE_ACC = (0.35, 0.60)
 
 
 @dataclass(frozen=True)
-class Cell:
-    family: str
+class AccuracyCell:
+    """A paired binary task: n items, disagreement rate d, reference accuracy p0, true delta."""
+
     margin: float
     n: int
     d: float
     p0: float
-    true_delta: float
+    delta: float
 
     def probs(self) -> tuple[float, float, float, float] | None:
         """(both right, right->wrong, wrong->right, both wrong), or None where no such pair of models exists."""
-        down, up = (self.d - self.true_delta) / 2, (self.d + self.true_delta) / 2
+        down, up = (self.d - self.delta) / 2, (self.d + self.delta) / 2
         if up < -1e-12 or down < -1e-12 or down > self.p0 + 1e-12 or up > 1 - self.p0 + 1e-12:
             return None
         up, down = max(up, 0.0), max(down, 0.0)
         return (self.p0 - down, down, up, 1 - self.p0 - up)
 
 
-@cache
-def _passes(n: int, up: int, down: int, margin: float, level: float, min_items: int) -> bool:
-    """The real decision for one table: items with exactly these counts through compare + quality_check."""
-    base = [1.0] * down + [0.0] * up + [1.0] * (n - up - down)
-    cand = [0.0] * down + [1.0] * up + [1.0] * (n - up - down)
-    comp = compare({str(i): (b, 1.0) for i, b in enumerate(base)}, {str(i): (c, 1.0) for i, c in enumerate(cand)},
-                   metric="acc,none", higher_is_better=True, binary=True, level=level)
-    return quality_check("sim", comp.to_dict(), margin, min_items, None).outcome == "pass"
+def gate_passes(a: int, down: int, up: int, d: int, *, margin: float, q: QualityPolicy, level: float,
+                chance: float | None = None, floor: float | None = None) -> bool:
+    """The real gate's decision on one task with these cells, at one-sided `level`."""
+    comp = binary_comparison(a, down, up, d, common=counts_common(a, down, up, d, metric="acc,none", margin=margin),
+                             levels=[level], chance=chance, floor=floor)
+    return quality_task_check("sim", comp.to_dict(), q, level).outcome == "pass"
 
 
-def promote_rate(cell: Cell, runs: int, seed: int, *, level: float = 0.95, min_items: int = 100) -> float | None:
-    """Share of `runs` simulated comparisons the gate promotes (quality on this task alone)."""
+def pass_limits(n: int, ups: range, margin: float, level: float, q: QualityPolicy) -> dict[int, int]:
+    """For each wrong->right count, the largest right->wrong count the gate still passes (-1: none), walked
+    along the boundary with real-gate calls (the limit never falls as wrong->right grows)."""
+    @cache
+    def passes(up: int, down: int) -> bool:
+        rest = n - up - down
+        return gate_passes(rest // 2, down, up, rest - rest // 2, margin=margin, q=q, level=level)
+
+    out: dict[int, int] = {}
+    limit = -1
+    for up in ups:
+        limit = min(limit, n - up)
+        if limit >= 0 and not passes(up, limit):
+            while limit >= 0 and not passes(up, limit):
+                limit -= 1
+        else:
+            while limit + 1 <= n - up and passes(up, limit + 1):
+                limit += 1
+        out[up] = limit
+    return out
+
+
+def _up_range(cell: AccuracyCell) -> range:
+    probs = cell.probs()
+    if probs is None:
+        return range(0)
+    p_up = probs[2]
+    if p_up <= 0:
+        return range(0, 1)
+    return range(int(binom.ppf(1e-11, cell.n, p_up)), int(binom.isf(1e-11, cell.n, p_up)) + 1)
+
+
+def exact_promote_rate(cell: AccuracyCell, level: float, q: QualityPolicy,
+                       limits: dict[int, int] | None = None) -> float | None:
+    """P(the gate passes the task) for a variant in `cell`, summed exactly over every table with mass above
+    1e-11 (`limits`: pass limits already walked for this n, margin and level)."""
     probs = cell.probs()
     if probs is None:
         return None
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(cell.n, probs, size=runs)
-    tables, weights = np.unique(counts[:, [2, 1]], axis=0, return_counts=True)  # (up, down)
-    promoted = 0
-    for up in np.unique(tables[:, 0]):
-        rows = tables[:, 0] == up
-        downs, w = tables[rows, 1], weights[rows]
-        limit = _pass_limit(cell.n, int(up), int(downs.min()), int(downs.max()), cell.margin, level, min_items)
-        promoted += int(w[downs <= limit].sum())
-    return promoted / runs
+    _p11, p_down, p_up, _p00 = probs
+    if limits is None:
+        limits = pass_limits(cell.n, _up_range(cell), cell.margin, level, q)
+    total = 0.0
+    for up in _up_range(cell):
+        limit = limits[up]
+        if limit < 0:
+            continue
+        w = float(binom.pmf(up, cell.n, p_up)) if p_up > 0 else 1.0
+        cond = p_down / (1 - p_up) if p_up < 1 else 0.0
+        total += w * float(binom.cdf(limit, cell.n - up, cond))
+    return total
 
 
-def _pass_limit(n: int, up: int, lo: int, hi: int, margin: float, level: float, min_items: int) -> int:
-    """The largest right->wrong count in [lo, hi] that still passes (lo - 1 if none), by bisection on the real
-    decision: for fixed wrong->right counts, more right->wrong never helps (checked exhaustively in
-    tests/unit/test_gate_simulation.py), so each drawn table is decided exactly as `_passes` would."""
-    if not _passes(n, up, lo, margin, level, min_items):
-        return lo - 1
-    if _passes(n, up, hi, margin, level, min_items):
-        return hi
-    good, bad = lo, hi
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if _passes(n, up, mid, margin, level, min_items):
-            good = mid
-        else:
-            bad = mid
-    return good
-
-
-def binary_grid(margins: dict[str, float], sizes: tuple[int, ...], runs: int, true_delta: str = "margin",
-                seed: int = 0) -> list[dict]:
+def accuracy_grid(q: QualityPolicy, levels: list[float], sizes: tuple[int, ...] = SIZES) -> list[dict[str, Any]]:
+    """Exact false-promote rate at the margin in every cell, at every level the gate may use."""
     rows = []
-    for family, margin in margins.items():
-        for n in sizes:
-            for d in DISAGREE:
-                for p0 in BASE_ACC:
-                    delta = -margin if true_delta == "margin" else float(true_delta)
-                    cell = Cell(family, margin, n, d, p0, delta)
-                    rate = promote_rate(cell, runs, seed + n + int(d * 1000) + int(p0 * 100))
-                    rows.append({"family": family, "margin": margin, "n": n, "d": d, "p0": p0,
-                                 "true_delta": delta, "runs": runs, "promote_rate": rate})
+    for family, margin in q.margins.items():
+        for level in levels:
+            for n in sizes:
+                cells = [AccuracyCell(margin, n, d, 0.6, -margin) for d in DISAGREE]
+                ups = [r for c in cells for r in (_up_range(c),) if len(r)]
+                limits = pass_limits(n, range(min(r.start for r in ups), max(r.stop for r in ups)), margin, level, q)
+                for cell in cells:
+                    rows.append({"family": family, "margin": margin, "level": level, "n": n, "d": cell.d,
+                                 "rate": exact_promote_rate(cell, level, q, limits)})
     return rows
 
 
-def smallest_drop_with_power(margin: float, n: int, d: float, p0: float, runs: int, power: float = 0.8) -> float | None:
-    """The largest true drop (accuracy, positive) the gate still promotes with `power`, to 0.1 pt, by bisection
-    (the promote rate falls as the true drop grows); None if not even a lossless variant reaches `power`."""
-    def ok(drop: float) -> bool:
-        rate = promote_rate(Cell("", margin, n, d, p0, -drop), runs, 7)
-        return rate is not None and rate >= power
-
-    if not ok(0.0):
+def simulated_promote_rate(cell: AccuracyCell, level: float, q: QualityPolicy, runs: int, seed: int, *,
+                           chance: float | None = 0.25, floor: float | None = None) -> float | None:
+    """The real gate with its chance and floor checks on: the full four-cell multinomial, simulated."""
+    probs = cell.probs()
+    if probs is None:
         return None
-    lo, hi = 0, int(round(min(margin, d) * 1000))  # in 0.1-pt steps; a drop beyond d cannot exist
-    if ok(hi / 1000):
-        return hi / 1000
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid / 1000) else (lo, mid)
-    return lo / 1000
+    counts = np.random.default_rng(seed).multinomial(cell.n, probs, size=runs)
+    tables, weights = np.unique(counts, axis=0, return_counts=True)
+    ok = sum(int(w) for t, w in zip(tables, weights, strict=True)
+             if gate_passes(*map(int, t), margin=cell.margin, q=q, level=level, chance=chance, floor=floor))
+    return ok / runs
 
 
-def bpb_promote_rate(n: int, margin: float, shift: float, runs: int, seed: int, *, damaged_share: float = 0.1,
-                     level: float = 0.95) -> float:
-    """Bits/byte: true delta `shift` (bits per byte, worse if positive) concentrated in `damaged_share` of docs."""
+# ---- bits/byte ---------------------------------------------------------------------------------------------
+
+def bpb_docs(n: int, shift: float, shape: str, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Per-document (bits, bytes) of the reference and a variant whose true bits/byte is `shift` worse, with
+    the damage `shape`: concentrated (10% of documents), lognormal (every document, heavy-tailed, sigma 1.2),
+    catastrophic (3% of documents)."""
+    nbytes = rng.integers(200, 1500, n).astype(float)
+    base_bpb = rng.gamma(20.0, 1.1 / 20.0, n)
+    if shape == "concentrated":
+        hit = rng.random(n) < 0.10
+        extra = np.where(hit, rng.exponential(shift / 0.10, n), 0.0)
+    elif shape == "lognormal":
+        extra = rng.lognormal(0.0, 1.2, n)
+        extra *= shift / np.exp(1.2**2 / 2)
+    elif shape == "catastrophic":
+        hit = rng.random(n) < 0.03
+        extra = np.where(hit, shift / 0.03, 0.0)
+    else:
+        raise ValueError(shape)
+    extra += rng.normal(0, 0.005, n)
+    # rescale so that the realised shift (weighted by bytes) is the true one in expectation, as the margin is
+    base = {str(i): (base_bpb[i] * nbytes[i], nbytes[i]) for i in range(n)}
+    cand = {str(i): ((base_bpb[i] + extra[i]) * nbytes[i], nbytes[i]) for i in range(n)}
+    return base, cand
+
+
+def bpb_promote_rate(n: int, margin: float, shift: float, shape: str, runs: int, seed: int, *, q: QualityPolicy,
+                     level: float) -> float:
     rng = np.random.default_rng(seed)
     promoted = 0
     for _ in range(runs):
-        nbytes = rng.integers(200, 1500, n).astype(float)
-        base_bpb = rng.gamma(20.0, 1.1 / 20.0, n)  # per-document bits/byte around 1.1
-        damaged = rng.random(n) < damaged_share
-        # excess bits concentrated in the damaged docs; scaled so Σextra/Σbytes = shift in expectation
-        extra_bpb = np.where(damaged, rng.exponential(shift / damaged_share, n), 0.0)
-        extra_bpb += rng.normal(0, 0.005, n)
-        base = {str(i): (base_bpb[i] * nbytes[i], nbytes[i]) for i in range(n)}
-        cand = {str(i): ((base_bpb[i] + extra_bpb[i]) * nbytes[i], nbytes[i]) for i in range(n)}
-        comp = compare(base, cand, metric="bits_per_byte,none", higher_is_better=False, level=level, n_boot=2000,
-                       seed=int(rng.integers(1 << 31)))
-        promoted += quality_check("sim", comp.to_dict(), margin, 100, None).outcome == "pass"
+        base, cand = bpb_docs(n, shift, shape, rng)
+        comp = compare(base, cand, metric="bits_per_byte,none", higher_is_better=False, margin=margin, levels=[level],
+                       n_boot=q.n_boot, seed=int(rng.integers(1 << 31)))
+        promoted += quality_task_check("sim", comp.to_dict(), q, level).outcome == "pass"
     return promoted / runs
+
+
+# ---- Holm across variants ----------------------------------------------------------------------------------
+
+def family_rate(deltas: list[float], *, n: int, d: float, margin: float, policy: GatePolicy, runs: int,
+                seed: int) -> dict[str, float]:
+    """k variants (true deltas), one task each, decided together through reports.gate.decide with k declared:
+    how often *any* variant at (or beyond) its margin is promoted, and how often each is."""
+    q = policy.quality
+    rng = np.random.default_rng(seed)
+    k = len(deltas)
+    wrong = 0
+    each = np.zeros(k)
+    served = {"status": "served", "engine": "vllm", "tasks": {"t": {"status": "scored"}}}
+    levels = q.levels(k)
+    for _ in range(runs):
+        ev = {}
+        for i, delta in enumerate(deltas):
+            probs = AccuracyCell(margin, n, d, 0.6, delta).probs()
+            assert probs is not None
+            a, down, up, dd = (int(x) for x in rng.multinomial(n, probs))
+            comp = binary_comparison(a, down, up, dd, common=counts_common(a, down, up, dd, metric="acc,none",
+                                                                           margin=margin), levels=levels)
+            ev[f"v{i}"] = Evidence(f"v{i}", "8bit", "ref", RecipeGate(), served, served, {"t": comp.to_dict()})
+        for i, dec in enumerate(decide(ev, _quality_only(policy), k=k)):
+            promoted = dec.verdict == "promote"
+            each[i] += promoted
+            if promoted and deltas[i] <= -margin + 1e-12:
+                wrong += 1
+                break
+    return {"familywise_false_promote": wrong / runs, **{f"promote_v{i}": each[i] / runs for i in range(k)}}
+
+
+def _quality_only(policy: GatePolicy) -> GatePolicy:
+    """The policy with every non-quality check switched off (the simulation has no bench or divergence)."""
+    from reports.gate import CHECKS
+
+    return GatePolicy({name: policy[name] for name in CHECKS if name == "quality"} |
+                      {name: _off(policy[name]) for name in CHECKS if name != "quality"})
+
+
+def _off(section: Any) -> Any:
+    fields = section.__dataclass_fields__
+    changes: dict[str, Any] = {}
+    if "throughput_margin" in fields:
+        changes |= {"throughput_margin": None, "require_slo": False}
+    if "max_gib" in fields:
+        changes["max_gib"] = None
+    return replace(section, **changes)
+
+
+# ---- group-sequential -------------------------------------------------------------------------------------
+
+def sequential_run(n: int, d: float, delta: float, margin: float, q: QualityPolicy, runs: int, seed: int, *,
+                   spending: str | None = None, futility: float | None = None, level: float | None = None,
+                   looks: int | None = None) -> dict[str, float]:
+    """Simulated paths of one task: the eval stage's stopping rule at each look, the gate's decision on the
+    sequential comparison; and fixed n on the same paths. Promote rates and the share of items scored."""
+    seq = q.sequential
+    spending = spending or seq.spending
+    futility = seq.futility if futility is None else futility
+    level = q.alpha if level is None else level
+    k = looks or seq.looks
+    looks_at = equal_looks(n, k)
+    design = Design(tuple((j + 1) / k for j in range(k)), spending)  # type: ignore[arg-type]
+    probs = AccuracyCell(margin, n, d, 0.6, delta).probs()
+    if probs is None:
+        return {}
+    rng = np.random.default_rng(seed)
+    prev = 0
+    steps = []
+    for nj in looks_at:
+        steps.append(rng.multinomial(nj - prev, probs, size=runs))
+        prev = nj
+    cum = np.cumsum(np.stack(steps, axis=1), axis=1)  # [runs, looks, 4]
+    promoted = items = fixed = 0
+    for r in range(runs):
+        path: list[float] = []
+        stop = k - 1
+        for j in range(k):
+            a, down, up, dd = (int(x) for x in cum[r, j])
+            path.append(float(tango_statistic(looks_at[j], up, down, -margin)))
+            disc = (up + down) / looks_at[j]
+            if settle(path, look=j, n_looks=k, discordance=disc, n_planned=n, margin=margin, design=design,
+                      alpha=level, futility=futility) is not None:
+                stop = j
+                break
+        a, down, up, dd = (int(x) for x in cum[r, stop])
+        spec = SequentialSpec([], list(looks_at), spending, stop)  # type: ignore[arg-type]
+        comp = binary_comparison(a, down, up, dd, common=counts_common(a, down, up, dd, metric="acc,none",
+                                                                       margin=margin),
+                                 levels=[level], sequential=spec, path=path)
+        promoted += quality_task_check("sim", comp.to_dict(), q, level).outcome == "pass"
+        items += looks_at[stop]
+        a, down, up, dd = (int(x) for x in cum[r, -1])
+        fixed += gate_passes(a, down, up, dd, margin=margin, q=q, level=level)
+    return {"promote": promoted / runs, "fixed_n_promote": fixed / runs, "items_share": items / (runs * n)}
+
+
+def sequential_table(q: QualityPolicy, sizes: tuple[int, ...], runs: int, **kw: Any) -> list[dict[str, Any]]:
+    rows = []
+    margin = q.margins["8bit"]
+    for n in sizes:
+        for d in (0.02, 0.05, 0.10):
+            for name, delta in (("zero", 0.0), ("minus_1pt", -0.01), ("margin", -margin)):
+                res = sequential_run(n, d, delta, margin, q, runs, seed=n + int(1000 * d) + int(-1e4 * delta), **kw)
+                rows.append({"n": n, "d": d, "delta": delta, "at": name, **res})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make bench-gate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=20000, help="simulated comparisons per binary cell")
-    p.add_argument("--bpb-runs", type=int, default=1000, help="simulated comparisons per bits/byte cell")
+    p.add_argument("--bpb-runs", type=int, default=3000, help="simulated comparisons per bits/byte cell")
+    p.add_argument("--power-runs", type=int, default=4000, help="simulated comparisons per power cell")
+    p.add_argument("--seq-runs", type=int, default=20000, help="simulated paths per sequential cell")
+    p.add_argument("--family-runs", type=int, default=4000, help="simulated runs per Holm cell")
     p.add_argument("--out", type=Path, default=Path("runs/bench-gate.json"))
     args = p.parse_args(argv)
     policy = load_policy()
-    margins = dict(policy.margins)
+    q = policy.quality
     t0 = time.perf_counter()
-    out: dict = {"runs": args.runs, "bpb_runs": args.bpb_runs, "margins": margins}
-    out["false_promote"] = binary_grid(margins, BENCH_SIZES, args.runs)
-    worst = max((r for r in out["false_promote"] if r["promote_rate"] is not None), key=lambda r: r["promote_rate"])
-    print(f"false promotes at the margin, {len(out['false_promote'])} cells x {args.runs} runs "
-          f"(n in {BENCH_SIZES}, d in {DISAGREE}, p0 in {BASE_ACC}): worst {worst['promote_rate']:.2%} "
-          f"({worst['family']}, n={worst['n']}, d={worst['d']}, p0={worst['p0']})")
-    print(f"{'family':>6} {'n':>6} " + " ".join(f"d={d:<5}" for d in DISAGREE)
-          + "   (promote rate at true delta = -margin, p0=0.6)")
-    for family in margins:
-        for n in BENCH_SIZES:
-            cells = {r["d"]: r["promote_rate"] for r in out["false_promote"]
-                     if r["family"] == family and r["n"] == n and r["p0"] == 0.6}
-            print(f"{family:>6} {n:>6} " + " ".join(f"{'  -   ' if cells[d] is None else f'{cells[d]:6.2%}'}"
-                                                    for d in DISAGREE))
+    out: dict[str, Any] = {"alpha": q.alpha, "margins": dict(q.margins)}
+    levels = [q.alpha / j for j in range(1, 6)]
+    out["accuracy_exact"] = accuracy_grid(q, levels)
+    print(f"accuracy, exact false promotes at the margin (one-sided levels {', '.join(f'{x:.4g}' for x in levels)}):")
+    for level in levels:
+        cells = [r for r in out["accuracy_exact"] if r["level"] == level and r["rate"] is not None]
+        worst = max(cells, key=lambda r: r["rate"])
+        print(f"  level {level:.4g}: worst {worst['rate']:.4%} ({worst['family']}, n={worst['n']}, d={worst['d']}) "
+              f"over {len(cells)} feasible cells; worst / level {worst['rate'] / level:.3f}")
     out["power"] = []
-    for delta in (0.0, -0.005):
-        for row in binary_grid(margins, BENCH_SIZES, args.runs // 4, true_delta=str(delta), seed=11):
-            out["power"].append(row)
-    print("power (promote rate) at true delta 0 / -0.5 pt, d=5%, p0=0.6:")
-    for family in margins:
-        for n in BENCH_SIZES:
-            pw = [r["promote_rate"] for r in out["power"] if r["family"] == family and r["n"] == n
-                  and r["d"] == 0.05 and r["p0"] == 0.6]
-            print(f"  {family:>5} n={n:>5}: " + " / ".join(f"{x:.1%}" if x is not None else "-" for x in pw))
-    out["smallest_drop_80"] = []
-    for family, margin in margins.items():
-        for n in (273, 1000, 12032):
-            for d in (0.02, 0.05, 0.10):
-                drop = smallest_drop_with_power(margin, n, d, 0.6, args.runs // 10)
-                out["smallest_drop_80"].append({"family": family, "n": n, "d": d, "drop": drop})
-                txt = "none (not even a zero drop)" if drop is None else f"{drop * 100:.1f} pt"
-                print(f"  smallest drop promoted with 80% power: {family} n={n} d={d:.0%}: {txt}")
-    bpb_margin = policy.metric_margins.get("bits_per_byte", 0.03)
+    print("power through the real gate (chance rate 1/4 and floors on; promote rate at true delta 0 / -0.5 / -1 pt, "
+          "d = 5%, p0 = 0.6, one variant at alpha):")
+    for family, margin in q.margins.items():
+        for n in SIZES:
+            rates = [simulated_promote_rate(AccuracyCell(margin, n, 0.05, 0.6, dl), q.alpha, q, args.power_runs, 11,
+                                            floor=q.recovery_min.get(family))  # type: ignore[call-overload]
+                     for dl in (0.0, -0.005, -0.01)]
+            out["power"].append({"family": family, "n": n, "rates": rates})
+            print(f"  {family} n={n:>5}: " + " / ".join("-" if r is None else f"{r:.1%}" for r in rates))
+    margin = q.metric_margins["bits_per_byte"]
     out["bpb"] = []
-    for n in (150, 200, 600):
-        for shift, label in ((bpb_margin, "at margin"), (0.0, "no damage")):
-            rate = bpb_promote_rate(n, bpb_margin, shift, args.bpb_runs, seed=n)
-            out["bpb"].append({"n": n, "shift": shift, "promote_rate": rate, "runs": args.bpb_runs})
-            print(f"  bits/byte n={n} {label} (+{shift} bpb, damage in 10% of docs): promote {rate:.1%}")
+    print(f"bits/byte false promotes at the margin (+{margin}), BCa at {q.alpha} x {0.25} nominal, "
+          f"{args.bpb_runs} runs a cell:")
+    for shape in ("concentrated", "lognormal", "catastrophic"):
+        for n in (200, 300, 600):
+            rate = bpb_promote_rate(n, margin, margin, shape, args.bpb_runs, seed=n, q=q, level=q.alpha)
+            power = bpb_promote_rate(n, margin, 0.0, shape, max(args.bpb_runs // 10, 100), seed=n + 1, q=q,
+                                     level=q.alpha)
+            out["bpb"].append({"shape": shape, "n": n, "false_promote": rate, "power_no_damage": power})
+            print(f"  {shape:>12} n={n}: false promote {rate:.2%}; promoted with no damage {power:.0%}")
+    out["holm"] = []
+    for deltas in ([-0.02] * 4, [-0.02, -0.02, 0.0, 0.0], [-0.02, 0.0, 0.0, 0.0]):
+        for correction in ("holm", "bonferroni"):
+            pol = GatePolicy(policy.sections | {"quality": replace(q, multiplicity=correction)})
+            res = family_rate(deltas, n=1000, d=0.05, margin=0.02, policy=pol, runs=args.family_runs, seed=3)
+            out["holm"].append({"deltas": deltas, "correction": correction} | res)
+            print(f"  {correction:>10} deltas {deltas}: family-wise false promote {res['familywise_false_promote']:.2%}"
+                  f"; lossless promoted {max((res[f'promote_v{i}'] for i, x in enumerate(deltas) if x == 0), default=0):.1%}")
+    print(f"group-sequential ({q.sequential.looks} looks, {q.sequential.spending}, futility below "
+          f"{q.sequential.futility:.0%} conditional power), 8-bit margin, {args.seq_runs} paths a cell:")
+    out["sequential"] = {}
+    for spending in ("obf", "pocock"):
+        rows = sequential_table(q, (1000, 12032), args.seq_runs, spending=spending)
+        out["sequential"][spending] = rows
+        for r in rows:
+            print(f"  {spending:>6} n={r['n']:>5} d={r['d']:.0%} delta={r['at']:>9}: promote {r['promote']:.2%} "
+                  f"(fixed n {r['fixed_n_promote']:.2%}), items scored {r['items_share']:.0%}")
     out["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    args.out.write_text(json.dumps(out, indent=1, default=float) + "\n")
     print(f"wrote {args.out} in {out['seconds']} s")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["AccuracyCell", "accuracy_grid", "bpb_promote_rate", "exact_promote_rate", "family_rate", "gate_passes",
+           "pass_limits", "sequential_run", "simulated_promote_rate"]

@@ -215,16 +215,18 @@ def dispatch(args: argparse.Namespace) -> int:
         from quantgate.context import record_run
 
         ctx = context(args)
+        req = eval_request(args)  # options checked before anything is written
         record_run(ctx)
-        return run_eval_stage(ctx, replace(eval_request(args), stopping=stopping(args, ctx)))
+        return run_eval_stage(ctx, replace(req, stopping=stopping(args, ctx)))
     if args.command == "bench":
         from evals.bench_stage import BenchRequest, run_bench_stage
         from quantgate.context import record_run
 
         ctx = context(args)
+        breq = BenchRequest(recipes=_csv(args.recipes), config_path=args.config,
+                            max_load=_count(args.max_load, "--max-load", 1), force=args.force)
         record_run(ctx)
-        return run_bench_stage(ctx, BenchRequest(recipes=_csv(args.recipes), config_path=args.config,
-                                                 max_load=_count(args.max_load, "--max-load", 1), force=args.force))
+        return run_bench_stage(ctx, breq)
     if args.command == "report":
         from reports.stage import run_report
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from qgcore.artifacts import CheckpointManifest, RunRecord
@@ -37,14 +38,19 @@ def parse_tensor_parallel(value: str | None) -> dict[str, int]:
         return {}
     out: dict[str, int] = {}
     for part in value.split(","):
-        name, _, n = part.rpartition("=")
+        name, eq, n = part.rpartition("=")
+        if eq and not name.strip():
+            raise ConfigError(f"--tensor-parallel '{value}': '{part}' names no variant (use N, name=N or *=N)")
         try:
             size = int(n)
         except ValueError:
             raise ConfigError(f"--tensor-parallel '{value}': give N or name=N,... with integers") from None
         if size < 1 or size & (size - 1):
             raise ConfigError(f"--tensor-parallel '{value}': sizes must be powers of two (1, 2, 4, 8)")
-        out[name.strip() or "*"] = size
+        key = name.strip() or "*"
+        if key in out:
+            raise ConfigError(f"--tensor-parallel '{value}': {key} is given twice")
+        out[key] = size
     return out
 
 
@@ -58,8 +64,7 @@ def resolve(*, runs_root: Path, model: str | None, target_gpu: str | None = None
     if startup_timeout is not None and startup_timeout <= 0:
         raise ConfigError(f"--startup-timeout {startup_timeout}: give seconds > 0")
     here = platform or detect(os.environ.get("QUANTGATE_DEVICE"))
-    target = parse_target(target_gpu) or Platform(here.kind, here.gpu, here.compute_capability, here.gpu_count,
-                                                  here.gpu_memory_bytes, here.cpu, source="the platform measured")
+    target = parse_target(target_gpu) or replace(here, source="the platform measured")
     return RunContext(run_dir=runs_root / slug_for(model), model=model, platform=here, target=target,
                       cache_dir=CACHE_DIR, serve_python=serve_python(), executor=executor, cpu_threads=cpu_threads,
                       tensor_parallel=parse_tensor_parallel(tensor_parallel), max_model_len=max_model_len,
@@ -79,6 +84,8 @@ def record_run(ctx: RunContext, *, declared: list[str] | None = None,
     manifests = _manifests(ctx.run_dir)
     fams = dict(old.families) if old else {}
     fams |= {n: m.family for n, m in manifests.items()} | dict(families or {})
+    if not fams:
+        raise ArtifactError(f"no checkpoints in {ctx.run_dir}: run `make quantize` first")
     try:
         ref = reference_of(fams)
     except ValueError as err:

@@ -21,6 +21,7 @@ def check_target(recipe: Recipe, shapes: dict[str, list[int]], model: dict[str, 
     planned = SCHEMES[recipe.quant.scheme].summary(recipe)
     sup = check(planned, shapes, model, tp=1, on=target, kv_cache_dtype=recipe.serve.kv_cache_dtype)
     if not sup.ok:
-        raise UnsupportedHardwareError(f"recipe '{recipe.name}' cannot be served on {target.label}: {sup.reason}; "
+        why = (sup.reason or "").removeprefix(f"{target.label}: ")  # the preflight names the platform too
+        raise UnsupportedHardwareError(f"recipe '{recipe.name}' cannot be served on {target.label}: {why}; "
                                        "drop it from RECIPES or pick another TARGET_GPU")
-    return None if sup.native else f"{target.label}: served as {sup.served_as}: {sup.reason}"
+    return None if sup.native else f"served as {sup.served_as}: {sup.reason}"

@@ -76,7 +76,14 @@ class ServeSpec(Strict):
     @classmethod
     def _no_run_flags(cls, v: list[str]) -> list[str]:
         run_flags = ("--tensor-parallel-size", "-tp", "--max-model-len", "--kv-cache-dtype")
-        bad = [a for a in v if a.split("=")[0] in run_flags]
+
+        def flag(arg: str) -> str:  # as vLLM's parser reads it: underscores are dashes in a long option
+            key = arg.split("=")[0]
+            return "--" + key[2:].replace("_", "-") if key.startswith("--") else key
+
+        # argparse also takes a unique prefix of a long option (--tensor-parallel, --max-model)
+        bad = [a for a in v if flag(a) in run_flags or
+               (flag(a).startswith("--") and len(flag(a)) > 2 and any(f.startswith(flag(a)) for f in run_flags))]
         if bad:
             raise ValueError(f"serve.extra_args may not set {bad[0]}: tensor parallel and the context are set per "
                              "run (--tensor-parallel, --max-model-len), the KV cache by serve.kv_cache_dtype")
@@ -146,7 +153,7 @@ def parse_recipe(data: object, *, source: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(source, err)) from None
+        raise ConfigError(format_validation_error(source, err, Recipe)) from None
 
 
 def load_recipe(name_or_path: str | Path, recipes_dir: Path = RECIPES_DIR) -> Recipe:

@@ -103,10 +103,16 @@ def comparisons(run: dict[str, Any], base: dict[str, Any], family: str, gate: Re
 
 
 def _serving(record: RunRecord, name: str, manifest: dict[str, Any], on: Platform) -> VariantServing:
-    known = record.serving.get(name)
-    if known:
-        return VariantServing(**known)
-    return plan_serving(weight_bytes=manifest["bytes_on_disk"], model=manifest.get("architecture") or {}, on=on)
+    """How the variant was served, for the deployment: as measured, unless it was measured on a CPU for a GPU
+    target without an explicit --tensor-parallel (then TP and GPUs are planned for the target, at the measured
+    context)."""
+    known = VariantServing(**record.serving[name]) if record.serving.get(name) else None
+    if known is not None and (on.kind != "cuda" or known.gpus > 0 or known.sources.get("tensor_parallel") ==
+                              "--tensor-parallel"):
+        return known
+    cap = known.max_model_len if known is not None else None
+    return plan_serving(weight_bytes=manifest["bytes_on_disk"], model=manifest.get("architecture") or {}, on=on,
+                        max_model_len_cap=cap)
 
 
 def deploy_line(run_dir: Path, record: RunRecord, name: str, art: dict[str, Any]) -> str:
@@ -236,8 +242,12 @@ def build_report_data(run_dir: Path) -> dict[str, Any]:
             "content_key": m["content_key"], "platform": ev.get("platform"),
         })
     timings_art = Timings.read_optional(run_dir / "timings.json")
+    heads: dict[str, Any] = {}  # every task any variant has, described by the reference's result where it has one
+    for v in variants:
+        for task, res in (v["tasks"] or {}).items():
+            heads.setdefault(task, res)
     return {"run": str(run_dir), "model": verdict["model"], "verdict": verdict, "verdict_sha256": digest,
-            "reference": ref, "variants": variants, "created_at": verdict["created_at"],
+            "reference": ref, "variants": variants, "tasks": heads, "created_at": verdict["created_at"],
             "timings": timings(timings_art, variants), "demo": demo_banner(variants)}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -133,10 +134,11 @@ def build_kit(variant: str, deploy_command: str, bench: dict[str, Any], serving:
     kv_at = (at.get("promql") or {}).get("kv_cache_usage")
     wait_past = (past.get("promql") or {}).get("waiting")
     q = {"waiting": f'sum(vllm:num_requests_waiting{{model_name="{variant}"}})',
-         "kv": f'max(vllm:kv_cache_usage_perc{{model_name="{variant}"}})'}
+         # a utilization: averaged over replicas and read as a Value, so HPA scales by current/target
+         "kv": f'avg(vllm:kv_cache_usage_perc{{model_name="{variant}"}})'}
     kv_threshold = _threshold(kv_at, 0.05)
     wait_threshold = _threshold(wait_past, 1.0)
-    args = deploy_command.split()[2:]  # after "vllm serve": the checkpoint path, then the flags
+    args = shlex.split(deploy_command)[2:]  # after "vllm serve": the checkpoint path, then the flags
     tp = int(serving.get("tensor_parallel") or 1)
     flags = args[1:]
     labels = {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": variant}
@@ -168,7 +170,7 @@ def build_kit(variant: str, deploy_command: str, bench: dict[str, Any], serving:
                      {"type": "prometheus", "name": "queue", "metricType": "AverageValue",
                       "metadata": {"serverAddress": prometheus_url, "query": q["waiting"],
                                    "threshold": f"{wait_threshold:g}", "ignoreNullValues": "false"}},
-                     {"type": "prometheus", "name": "kv-cache", "metricType": "AverageValue",
+                     {"type": "prometheus", "name": "kv-cache", "metricType": "Value",
                       "metadata": {"serverAddress": prometheus_url, "query": q["kv"], "threshold": f"{kv_threshold:g}",
                                    "ignoreNullValues": "false"}}]}}
     rules = {"groups": [{"name": f"vllm-{variant}", "rules": alert_rules(variant)}]}
@@ -287,7 +289,7 @@ def promtool_test(variant: str, raw: list[dict[str, Any]]) -> dict[str, Any] | N
         labels = rule["labels"]
         if fire is not None:
             alerts.append({"eval_time": f"{fire}m", "alertname": rule["alert"],
-                           "exp_alerts": [{"exp_labels": labels}]})
+                           "exp_alerts": [{"exp_labels": labels, "exp_annotations": rule["annotations"]}]})
         if quiet is not None:
             alerts.append({"eval_time": f"{quiet}m", "alertname": rule["alert"], "exp_alerts": []})
     if not alerts:
@@ -354,6 +356,9 @@ def check_kit(out: Path) -> list[str]:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as err:
             problems.append(f"{obj['kind']}: {str(err).splitlines()[0]}")
+        except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError):
+            problems.append(f"{obj.get('kind')}: no Kubernetes {K8S_VERSION} schema for apiVersion "
+                            f"{obj.get('apiVersion')}")
     for obj in yaml.safe_load_all((out / "scaledobject.yaml").read_text()):
         if (why := validate_scaled_object(obj)) is not None:
             problems.append(f"ScaledObject: {why}")

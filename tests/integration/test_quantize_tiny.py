@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qgcore.errors import GroupSizeError, NoSpaceError, QuantgateError
-from quantize.model import linear_input_widths, resolve_model
+from quantize.model import Layout, layout, resolve_model
 from quantize.recipe import load_recipe
 from quantize.run import quantize
 from quantize.schemes import SCHEMES, check_quantization_config
@@ -33,10 +33,10 @@ def tiny_recipe(name: str):
 def built(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     model = resolve_model(str(tiny_model))
     run_dir = tmp_path_factory.mktemp("runs") / model.slug
-    widths = linear_input_widths(model.path)
+    lay = layout(model.path)
     out = {}
     for name in ["bf16", *KL_BOUND]:
-        out[name] = quantize(tiny_recipe(name), model=model, run_dir=run_dir, widths=widths)[0]
+        out[name] = quantize(tiny_recipe(name), model=model, run_dir=run_dir, layout=lay)[0]
     return model, run_dir, out
 
 
@@ -149,9 +149,11 @@ def test_group_size_mismatch_fails_before_calibration(tiny_model, tmp_path):
     widths = {"model.layers.0.mlp.down_proj": 576, "model.layers.0.self_attn.q_proj": 576, "lm_head": 576}
     r = load_recipe("gptq-4").model_copy(update={"quant": load_recipe("gptq-4").quant.model_copy(
         update={"group_size": 128})})
+    real = layout(str(tiny_model))
+    lay = Layout(widths=widths, shapes=real.shapes, config=real.config)
     with pytest.raises(GroupSizeError, match=r"group_size 128 does not divide layer 'model\.layers\.0\..*' input "
                                              r"width 576.*fit every layer: 16, 32, 64"):
-        quantize(r, model=resolve_model(str(tiny_model)), run_dir=tmp_path, widths=widths)
+        quantize(r, model=resolve_model(str(tiny_model)), run_dir=tmp_path, layout=lay)
     assert not any(tmp_path.iterdir())
 
 
