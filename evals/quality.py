@@ -165,6 +165,9 @@ def _chat_class() -> Any:
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
             budgets = {int(r.args[1].get("max_gen_toks", self._max_gen_toks)) for r in requests}
             budget = max(budgets)
+            if not getattr(self.qg_tok, "chat_template", None):  # vLLM refuses chat completions without one
+                raise TaskFailure("failed:scoring", "the checkpoint's tokenizer has no chat template: generative "
+                                  "(chat) tasks need one (vLLM serves /v1/chat/completions only with a template)")
             longest, over = 0, 0
             for r in requests:
                 n = len(self.qg_tok.apply_chat_template(json.loads(r.args[0].prompt), add_generation_prompt=True,

@@ -241,11 +241,8 @@ class EvalStage:
             path = look_statistics(base, cand, spec, margin)
         except KeyError:
             return None  # an item one of them lacks: the gate calls the task inconclusive; nothing to settle
-        ids = spec.order[:spec.looks[look]]
-        disc = sum(1 for i in ids if base[i][0] != cand[i][0]) / max(len(ids), 1)
-        return settle(path, look=look, n_looks=len(spec.looks), discordance=disc, n_planned=spec.looks[-1],
-                      margin=margin, design=spec.design, alpha=st.quality.stopping_level(st.k),
-                      futility=st.quality.sequential.futility)
+        return settle(path, look=look, n_looks=len(spec.looks), design=spec.design,
+                      alpha=st.quality.stopping_level(st.k), futility=st.quality.sequential.futility)
 
     def settled(self, name: str, task: str) -> str | None:
         """Why a variant's sequential task needs no more items: its own decision, or "variant" when another
@@ -391,8 +388,9 @@ class EvalStage:
         for name, v in self.variants.items():
             run = emulated.get(name) or self.eval_run(v)
             run.write(v.vdir / "eval.json")
-            if failed(run.status):
-                bad.append(name)
+            lost = [t for t, r in run.tasks.items() if failed(r.status)]
+            if failed(run.status) or lost:  # a lost task is lost work too: the variant's other tasks are kept
+                bad.append(name if not lost or failed(run.status) else f"{name} ({', '.join(lost)})")
             if name != self.reference:
                 self._write_divergence(v, EMULATED if name in emulated else "vllm")
             if not self.quiet:

@@ -23,14 +23,15 @@ SpendingName = Literal["obf", "pocock"]
 @dataclass(frozen=True)
 class SequentialPolicy:
     """Group-sequential scoring of binary tasks with at least `min_items` items (README: the threshold
-    where, measured by `make bench-gate`, it saves items at no more than 2 points of power)."""
+    from which, measured by `make bench-gate`, it scores at most 60% of the items at no loss and keeps
+    power within 2 points of fixed n)."""
 
     __pydantic_config__ = {"extra": "forbid"}
     enabled: bool
     min_items: int  # binary tasks with fewer items are scored at fixed n
     looks: int  # equally sized looks, in a seeded order fixed before the first item is scored
     spending: SpendingName  # Lan–DeMets efficacy spending
-    futility: float  # stop a task when its conditional power (no loss assumed) falls below this
+    futility: float  # stop a task when its predictive power of passing at the last look falls below this
     order_seed: int = 0
 
     def __post_init__(self) -> None:

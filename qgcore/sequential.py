@@ -6,7 +6,7 @@ Scores arrive in looks (items in a seeded order fixed in advance). At look j the
 null, the chance of crossing at *some* look is the spent alpha. Boundaries come from the canonical joint
 distribution of Z_1..Z_K (independent increments, corr(Z_i, Z_j) = sqrt(t_i / t_j)), computed by the
 recursive numerical integration of Jennison & Turnbull (2000, ch. 19) on their grid. Efficacy only: a
-futility stop (conditional power) is non-binding, so it never changes these boundaries or the error rate.
+futility stop (predictive power) is non-binding, so it never changes these boundaries or the error rate.
 
 Not in scipy/statsmodels, so written here and checked against published values (the LD O'Brien–Fleming
 boundaries of gsDesign / Jennison & Turnbull, Pocock's constant) and an independent implementation
@@ -183,6 +183,8 @@ def _level_at(table: np.ndarray, look: int, z: float) -> float:
         return 1.0  # would not cross even at alpha = 0.5: as good as no evidence
     i = int(np.searchsorted(-col, -z))  # col decreasing: first index with col <= z
     a0, a1, c0, c1 = _LEVELS[i - 1], _LEVELS[i], col[i - 1], col[i]
+    if not math.isfinite(c0):  # no alpha spent at this look below a1: a1 bounds the p-value (conservative)
+        return float(a1)
     frac = (c0 - z) / (c0 - c1) if c0 != c1 else 0.0
     return float(math.exp(math.log(a0) + frac * (math.log(a1) - math.log(a0))))
 
@@ -200,12 +202,14 @@ def equal_looks(n_items: int, looks: int) -> tuple[int, ...]:
     return tuple(round(n_items * (j + 1) / looks) for j in range(looks))
 
 
-def conditional_power(z: float, t: float, final_bound: float, drift: float) -> float:
-    """P(Z_K >= final_bound | Z_t = z) when E[Z_K] = drift (B-value: B_K - B_t ~ N(drift (1 - t), 1 - t))."""
+def predictive_power(z: float, t: float, final_bound: float) -> float:
+    """P(Z_K >= final_bound | Z_t = z) averaged over the drift's posterior under a flat prior (Spiegelhalter,
+    Freedman & Blackburn 1986): B_K | B_t ~ N(B_t / t, (1 - t) / t), so PP = Phi((z - c sqrt t) / sqrt(1 - t)).
+    Between conditional power at the observed trend (eager: it trusts an early noisy estimate) and at
+    "no loss" (it ignores the data, and never stops a task at the margin when much information is left)."""
     if t >= 1:
         return 1.0 if z >= final_bound else 0.0
-    b = z * math.sqrt(t)
-    return float(norm.sf((final_bound - b - drift * (1 - t)) / math.sqrt(1 - t)))
+    return float(norm.cdf((z - final_bound * math.sqrt(t)) / math.sqrt(1 - t)))
 
 
 def rci_level(design: Design, alpha: float, look: int) -> float:

