@@ -106,7 +106,7 @@ gate: $(VENVS)/quantize/.ok
 deploy: $(VENVS)/quantize/.ok
 	$(QG) deploy $(RUN) $(if $(filter 1,$(DEPLOY_ALL)),--all)
 
-# quantize -> eval -> bench -> report -> gate, in `quantgate all`: a stage that loses only some variants (9)
+# quantize -> eval -> bench -> gate -> report -> deploy kit, in `quantgate all`: a stage that loses only some variants (9)
 # does not stop the rest; the exit code is the gate's (0 / 2), 9 if the gate passed but a variant failed, or
 # the failing stage's own code. GNU make turns every non-zero code into 2: CI reads the CLI's code instead
 # (`make setup && .venvs/quantize/bin/quantgate all ...`, see README "CI").

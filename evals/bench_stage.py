@@ -289,11 +289,25 @@ class BenchServer:
         lv["meets_slo"] = meets_slo(lv, self.cfg.slo)
         lv["saturated"] = bool(lv["metrics"].get("queue_growing"))
         if self.prom is not None:
-            window = f"{max(int(ended - started) + 1, 2)}s"
-            lv["promql"] = {name: _scalar(self.prom.query(q, at=ended))
-                            for name, q in promlib.queries(self.name, window).items()}
+            lv["promql"] = self._promql(started, ended)
         self.levels.append(lv)
         return lv
+
+    def _promql(self, started: float, ended: float) -> dict[str, float | None]:
+        """Each query over the level as the scaler would see it: a gauge (queue length, KV occupancy) is its
+        mean over the level's scrapes (at the level's end the server is idle again); a rate or quantile is
+        taken over the whole level, at its end."""
+        assert self.prom is not None
+        out: dict[str, float | None] = {}
+        window = f"{max(int(ended - started) + 1, 2)}s"
+        for name, q in promlib.queries(self.name, window).items():
+            if promlib.is_gauge(name):
+                got = self.prom.query_range(q, started, ended)
+                vals = [float(v) for s in got[:1] for _, v in s["values"] if float(v) == float(v)]
+                out[name] = sum(vals) / len(vals) if vals else None
+            else:
+                out[name] = _scalar(self.prom.query(q, at=ended))
+        return out
 
     def _rate(self, workload: str) -> float | None:
         """Requests per second per unit of load at the last level of this workload (sizes the next one)."""

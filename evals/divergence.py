@@ -144,13 +144,15 @@ def server_topk(url: str, name: str, dset: DivergenceSet, k: int = TOP_K, concur
         return list(pool.map(lambda ids: _one_doc(url, name, ids, k), dset.docs))
 
 
-def hf_topk(checkpoint: Path, dset: DivergenceSet, k: int = TOP_K, device: str = "cpu") -> list[TopK]:
-    """The same from transformers (emulated variants, and the full-vocabulary reference of the bound)."""
+def hf_topk(checkpoint: Path, dset: DivergenceSet, k: int = TOP_K, device: str = "cpu",
+            dtype: str = "bfloat16") -> list[TopK]:
+    """The same from transformers (emulated variants, and the full-vocabulary reference of the bound), in the
+    platform's compute dtype (qgcore.serving.compute_dtype), as the emulated scores are."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    emulation.install()
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.bfloat16).to(device).eval()
+    emulation.install(dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype)).to(device).eval()
     out = []
     with torch.no_grad():
         for ids in dset.docs:

@@ -34,10 +34,44 @@ def round_to_fp4(x: Any) -> Any:
     return torch.clamp(torch.round(mag / step) * step, max=6.0) * torch.sign(x)
 
 
-def install() -> bool:
-    """Register `round_to_fp4` as compressed-tensors' `cast_to_fp4` backend for CPU tensors (idempotent).
-    Returns False where compressed-tensors has no such registry (then its own fallback runs, only slower)."""
-    global _installed
+_dtype = "bfloat16"
+_widened = False
+
+
+def _widen_nvfp4() -> None:
+    global _widened
+    if _widened:
+        return
+    try:
+        from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    except ImportError:
+        return
+    import torch
+
+    original = NVFP4PackedCompressor.decompress.__func__  # type: ignore[attr-defined]
+
+    def decompress(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(cls, *args, **kwargs)
+        want = getattr(torch, _dtype)
+        for key in ("weight", "weight_scale"):
+            t = out.get(key) if isinstance(out, dict) else None
+            if t is not None and t.is_floating_point() and t.dtype != want and want == torch.float32:
+                out[key] = torch.nn.Parameter(t.to(want), requires_grad=False) if isinstance(
+                    t, torch.nn.Parameter) else t.to(want)
+        return out
+
+    NVFP4PackedCompressor.decompress = classmethod(decompress)  # type: ignore[method-assign]
+    _widened = True
+
+
+def install(dtype: str = "bfloat16") -> bool:
+    """Register `round_to_fp4` as compressed-tensors' `cast_to_fp4` backend for CPU tensors (idempotent), and
+    make NVFP4's decompression produce `dtype` (compressed-tensors unpacks into bf16 whatever the model's
+    dtype, which fails a float32 forward; bf16 values widen exactly). Returns False where compressed-tensors
+    has no such registry (then its own fallback runs, only slower)."""
+    global _installed, _dtype
+    _dtype = dtype
+    _widen_nvfp4()
     if _installed:
         return True
     try:

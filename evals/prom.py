@@ -147,6 +147,13 @@ class PrometheusServer:
 
 # The queries the report draws and the deploy kit's scaler and alerts run (one home: evals and reports both
 # read them from the bench artifact, where they are recorded beside their results).
+GAUGES = ("kv_cache_usage", "waiting", "running")  # instant values; the rest are rates over a window
+
+
+def is_gauge(name: str) -> bool:
+    return name in GAUGES
+
+
 def queries(variant: str, window: str = "15s") -> dict[str, str]:
     sel = f'model_name="{variant}"'  # vLLM's own label (the served name): the same in the bench and in production
     return {
@@ -154,7 +161,7 @@ def queries(variant: str, window: str = "15s") -> dict[str, str]:
                             f"{{{sel}}}[{window}])))",
         "queue_time_mean_s": f"sum(rate(vllm:request_queue_time_seconds_sum{{{sel}}}[{window}])) / "
                              f"sum(rate(vllm:request_queue_time_seconds_count{{{sel}}}[{window}]))",
-        "kv_cache_usage": f"max(vllm:kv_cache_usage_perc{{{sel}}})",
+        "kv_cache_usage": f"avg(vllm:kv_cache_usage_perc{{{sel}}})",  # a utilization, averaged over replicas
         "waiting": f"sum(vllm:num_requests_waiting{{{sel}}})",
         "running": f"sum(vllm:num_requests_running{{{sel}}})",
         "ttft_p95_s": f"histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket"

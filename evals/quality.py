@@ -106,6 +106,7 @@ class Endpoint:
     context: int  # the served max_model_len
     platform: str  # cpu | cuda
     gen_cap: int | None = None  # a recorded CPU-only cap on generated tokens, identical for every variant
+    dtype: str = "bfloat16"  # transformers' compute dtype (emulation): qgcore.serving.compute_dtype
 
 
 def _completions_class() -> Any:
@@ -152,26 +153,33 @@ def _chat_class() -> Any:
         """lm-eval's `local-chat-completions`, checking every prompt + budget against the served context
         before sending anything, and recording how each generation ended (finish_reason, usage)."""
 
-        def __init__(self, *args: Any, quantgate_tokenizer: str, quantgate_context: int, **kwargs: Any):
+        def __init__(self, *args: Any, quantgate_tokenizer: str, quantgate_context: int,
+                     quantgate_gen_cap: int | None = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
             from transformers import AutoTokenizer
 
             self.qg_tok = AutoTokenizer.from_pretrained(quantgate_tokenizer)
             self.qg_context = quantgate_context
+            self.qg_cap = quantgate_gen_cap
             self.qg_stats: dict[str, Any] = {"requests": 0, "finish": {}, "completion_tokens": 0,
-                                             "max_completion_tokens": 0, "max_prompt_tokens": 0, "budget": None}
+                                             "max_completion_tokens": 0, "max_prompt_tokens": 0, "budget": None,
+                                             "task_budget": None}
             self.qg_lengths: list[int] = []
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-            budgets = {int(r.args[1].get("max_gen_toks", self._max_gen_toks)) for r in requests}
-            budget = max(budgets)
+            own = max(int(r.args[1].get("max_gen_toks", self._max_gen_toks)) for r in requests)
+            budget = min(own, self.qg_cap) if self.qg_cap else own
+            for r in requests:  # the recorded CPU cap, applied here so the task's own budget stays visible
+                r.args[1]["max_gen_toks"] = min(int(r.args[1].get("max_gen_toks", self._max_gen_toks)), budget)
+            self.qg_stats["task_budget"] = own
             if not getattr(self.qg_tok, "chat_template", None):  # vLLM refuses chat completions without one
                 raise TaskFailure("failed:scoring", "the checkpoint's tokenizer has no chat template: generative "
                                   "(chat) tasks need one (vLLM serves /v1/chat/completions only with a template)")
             longest, over = 0, 0
             for r in requests:
-                n = len(self.qg_tok.apply_chat_template(json.loads(r.args[0].prompt), add_generation_prompt=True,
-                                                        tokenize=True))
+                ids = self.qg_tok.apply_chat_template(json.loads(r.args[0].prompt), add_generation_prompt=True,
+                                                      tokenize=True, return_dict=False)
+                n = len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
                 longest = max(longest, n)
                 over += n + budget > self.qg_context
             self.qg_stats |= {"budget": budget, "max_prompt_tokens": longest}
@@ -205,15 +213,15 @@ def _chat_class() -> Any:
 def make_model(ep: Endpoint, generative: bool) -> tuple[Any, dict[str, Any]]:
     """The lm-eval model object (or name) and its args for one endpoint."""
     if ep.base_url is None:
-        emulation.install()
-        # bfloat16 as vLLM serves it; compressed-tensors also decompresses NVFP4 only into the checkpoint dtype
-        return "hf", {"pretrained": ep.checkpoint, "dtype": "bfloat16",
+        emulation.install(ep.dtype)  # NVFP4 decompresses into bf16 by itself: widened to ep.dtype there
+        return "hf", {"pretrained": ep.checkpoint, "dtype": ep.dtype,
                       "device": "cuda" if ep.platform == "cuda" else "cpu", "batch_size": 8}
     concurrent = CONCURRENCY[(ep.platform, generative)]
     if generative:
         args = {"base_url": f"{ep.base_url}/chat/completions", "model": ep.served_name, "num_concurrent": concurrent,
                 "max_retries": 2, "tokenizer_backend": None, "tokenized_requests": False, "timeout": 3600}
-        return _chat_class()(**args, quantgate_tokenizer=ep.checkpoint, quantgate_context=ep.context), args
+        return _chat_class()(**args, quantgate_tokenizer=ep.checkpoint, quantgate_context=ep.context,
+                             quantgate_gen_cap=ep.gen_cap), args
     args = {"base_url": f"{ep.base_url}/completions", "model": ep.served_name, "tokenizer": ep.checkpoint,
             "tokenizer_backend": "huggingface", "add_bos_token": True, "num_concurrent": concurrent,
             "batch_size": 8 if ep.platform == "cpu" else 32, "max_retries": 2, "tokenized_requests": True,
@@ -230,7 +238,9 @@ def run_task(*, task: str, tm: Any, endpoint: Endpoint, generative: bool, limit:
 
     started = time.perf_counter()
     model, args = make_model(endpoint, generative)
-    gen_kwargs = {"max_gen_toks": endpoint.gen_cap} if generative and endpoint.gen_cap else None
+    # the server path caps inside the model (Chat.generate_until); transformers through lm-eval's gen_kwargs
+    gen_kwargs = ({"max_gen_toks": endpoint.gen_cap} if generative and endpoint.gen_cap and endpoint.base_url is None
+                  else None)
     try:
         out = lm_eval.simple_evaluate(
             model=model, model_args=args if isinstance(model, str) else None, tasks=[task],
@@ -268,7 +278,7 @@ def run_task(*, task: str, tm: Any, endpoint: Endpoint, generative: bool, limit:
 def _generation_summary(model: Any, out: dict, task: str, ep: Endpoint) -> dict[str, Any]:
     st = model.qg_stats
     budget = st["budget"]
-    own = _task_budget(out, task)
+    own = st.get("task_budget") or _task_budget(out, task)
     lengths = model.qg_lengths
     at_budget = sum(1 for n in lengths if budget and n >= budget)
     length_ended = st["finish"].get("length", 0)

@@ -24,7 +24,7 @@ from qgcore.errors import ArtifactError
 from qgcore.hashing import content_key
 from qgcore.kernels import Support, check
 from qgcore.run import RunContext
-from qgcore.serving import flags_of, server_environment
+from qgcore.serving import compute_dtype, flags_of, server_environment
 from qgcore.vocab import EMULATED
 
 SEED = 0
@@ -100,7 +100,7 @@ class Variant:
         # the flags the server really gets (and the environment as it really is): part of every cache key
         if self.engine == "vllm":
             return flags_of(self.config, self.env.recorded)
-        return ["hf", "bfloat16", self.ctx.platform.kind, emulation.FP4_ROUNDING]
+        return ["hf", compute_dtype(self.ctx.platform), self.ctx.platform.kind, emulation.FP4_ROUNDING]
 
     def key(self, spec: TaskSpec) -> str:
         """Everything that moves this task's scores; computable without loading the task's data."""
@@ -145,7 +145,8 @@ class Variant:
 
     def endpoint(self, server: VllmServer | None, spec: TaskSpec) -> Endpoint:
         return Endpoint(server.base_url if server else None, self.name, str(self.checkpoint),
-                        self.config.max_model_len, self.ctx.platform.kind, self.gen_cap(spec))
+                        self.config.max_model_len, self.ctx.platform.kind, self.gen_cap(spec),
+                        compute_dtype(self.ctx.platform))
 
 
 def _base_env() -> dict[str, str]:
@@ -190,11 +191,11 @@ def score_session(v: Variant, work: Work, specs: dict[str, TaskSpec], index: Tas
     out = SessionResult(v.name)
     if v.engine == "vllm":
         server = server or v.server()
-        fresh = not server.healthy()
         ok = False
         try:
             server.start()
-            out.server = (server.provenance() | server.startup_info()) if fresh else {}
+            if not server.reported:  # a server kept for a later round was described by its first session
+                out.server, server.reported = server.provenance() | server.startup_info(), True
             _score(v, work, specs, index, server)
             if work.divergence and div is not None:
                 _fetch_divergence(v, div, server)
@@ -296,7 +297,8 @@ def _fetch_divergence(v: Variant, div: divergence.DivergenceSet, server: VllmSer
         if server is not None:
             docs = divergence.server_topk(server.url, v.name, div)
         else:
-            docs = divergence.hf_topk(v.checkpoint, div, device="cuda" if v.ctx.platform.kind == "cuda" else "cpu")
+            docs = divergence.hf_topk(v.checkpoint, div, device="cuda" if v.ctx.platform.kind == "cuda" else "cpu",
+                                      dtype=compute_dtype(v.ctx.platform))
     except (OSError, RuntimeError, ValueError, TimeoutError) as err:
         if server is not None and not server.alive():
             raise server.error("vLLM died while fetching divergence log-probs", "failed:crash") from None

@@ -70,6 +70,7 @@ class VllmServer:
         self._launched = 0.0
         self.startup_seconds: float | None = None
         self.launch_to_ready_seconds: float | None = None
+        self.reported = False  # its provenance and start-up numbers are in some session's result
 
     @property
     def url(self) -> str:

@@ -167,9 +167,17 @@ class EvalStage:
                        order_seed=int(seq.get("order_seed", 0)))
 
     def cached(self, name: str, task: str) -> TaskResult | None:
+        """What needs no scoring in this run: a finished result, or a failure this run already met (a failure
+        is retried by the next run, never again within this one)."""
         if self.req.force and not self.sessions.get(name):
             return None  # --force: everything of a variant is rescored in its first session
-        return self.variants[name].cached(self.key_spec(task))
+        v, spec = self.variants[name], self.key_spec(task)
+        res = v.cached(spec)
+        if res is None and self.sessions.get(name):
+            saved = v.saved(spec)
+            if saved is not None and saved.status.startswith("failed:"):
+                return saved
+        return res
 
     # ---- planning ----
 
@@ -215,6 +223,8 @@ class EvalStage:
         if ref_work is not None:  # the reference scores what some variant still needs, one look a round
             for task, need in ref_needs.items():
                 res = self.cached(self.reference, task)
+                if res is not None and res.status != "scored":
+                    continue  # the reference failed this task in this run: the gate makes it inconclusive
                 have = res.sequential["scored_looks"] if res is not None and res.sequential else 0
                 if have < need:
                     ref_work.tasks[task] = have

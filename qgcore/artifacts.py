@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,7 +35,7 @@ class Artifact(BaseModel):
         tmp.replace(path)  # atomic: a reader never sees half a file
 
     @classmethod
-    def read(cls, path: Path):  # noqa: ANN206 - returns cls
+    def read(cls, path: Path) -> Self:
         if not path.is_file():
             raise ArtifactError(f"missing {path}: run {cls.producer} first")
         try:
@@ -44,7 +44,7 @@ class Artifact(BaseModel):
             raise ArtifactError(f"invalid {path}: {str(err).splitlines()[0]}; rerun {cls.producer}") from None
 
     @classmethod
-    def read_optional(cls, path: Path):  # noqa: ANN206 - returns cls | None
+    def read_optional(cls, path: Path) -> Self | None:
         return cls.read(path) if path.is_file() else None
 
 
@@ -73,8 +73,9 @@ def model_config_summary(config: dict[str, Any]) -> dict[str, Any]:
     """The architecture facts serving depends on (context, heads for tensor parallel, KV bytes per token)."""
     text = config.get("text_config") or {}
     out = {k: config.get(k, text.get(k)) for k in _MODEL_KEYS}
-    if out.get("head_dim") is None and out.get("hidden_size") and out.get("num_attention_heads"):
-        out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
+    hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
+    if out.get("head_dim") is None and hidden and heads:
+        out["head_dim"] = int(hidden) // int(heads)
     if out.get("num_key_value_heads") is None:
         out["num_key_value_heads"] = out.get("num_attention_heads")
     return out

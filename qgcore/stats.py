@@ -254,7 +254,7 @@ class Bootstrap:
         if not self.defined:
             return 1.0
         n = len(self.dist)
-        frac = (np.searchsorted(self.dist, m, "left") + np.searchsorted(self.dist, m, "right")) / (2 * n)
+        frac = float(np.searchsorted(self.dist, m, "left") + np.searchsorted(self.dist, m, "right")) / (2 * n)
         frac = min(max(frac, 0.5 / n), 1 - 0.5 / n)  # beyond the resamples: as far as they can tell
         w = _N.inv_cdf(frac) - self.z0
         if 1 + self.accel * w <= 0:

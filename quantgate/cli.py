@@ -80,8 +80,20 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-load", type=int, default=None, help="the sweep's highest concurrency")
 
 
+def _alpha() -> str:
+    """The shipped policy's alpha, for help texts (read from its one home, without validating)."""
+    import yaml
+
+    from reports.policy import DEFAULT_POLICY
+
+    return str(yaml.safe_load(DEFAULT_POLICY.read_text())["quality"]["alpha"])
+
+
 def _policy(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", type=Path, default=None, help="gate policy YAML (default: the shipped policy)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help=f"gate policy YAML, merged key by key over the shipped one (reports/policy.default.yaml: "
+                        f"quality.alpha {_alpha()} = the chance a run promotes any variant whose true loss on a "
+                        "task is at its margin)")
 
 
 def _count(value: int | None, what: str, least: int = 0) -> int | None:

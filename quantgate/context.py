@@ -82,7 +82,7 @@ def record_run(ctx: RunContext, *, declared: list[str] | None = None,
     path = ctx.run_dir / "run.json"
     old = RunRecord.read(path) if path.is_file() else None
     manifests = _manifests(ctx.run_dir)
-    fams = dict(old.families) if old else {}
+    fams: dict[str, str] = dict(old.families) if old else {}
     fams |= {n: m.family for n, m in manifests.items()} | dict(families or {})
     if not fams:
         raise ArtifactError(f"no checkpoints in {ctx.run_dir}: run `make quantize` first")

@@ -128,7 +128,7 @@ def build_plan(run_dir: Path, *, gpus: int, gpu_type: str, params: float | None,
     target = params or m.params or 0.0
     scale = (target / m.params if m.params else 1.0) / speedup
     gib = GPUS[gpu_type].memory_gib * 2**30
-    per_variant = {n: gpus_for(target * BYTES_PER_PARAM.get(m.family[n], 2.0), gib) for n in m.names}
+    per_variant = {n: gpus_for(target * BYTES_PER_PARAM.get(m.family[n], 2.0), gib) for n in m.names}  # type: ignore[call-overload]
 
     def up(cell: str) -> float:
         return startup_seconds if startup_seconds is not None else m.startup.get(cell, 0.0) * scale

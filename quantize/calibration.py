@@ -7,14 +7,13 @@ llmcompressor's examples: ultrachat with the chat template), or a local .txt/.js
 
 from __future__ import annotations
 
-import errno
 import json
 import random
 from pathlib import Path
 from typing import Any
 
 from qgcore import corpus
-from qgcore.errors import ConfigError, DatasetAccessError, HubUnreachableError, NoSpaceError
+from qgcore.errors import ConfigError, DatasetAccessError, hub_download_error
 from qgcore.hashing import bytes_key
 from quantize.recipe import CalibrationSpec
 
@@ -60,13 +59,8 @@ def _hub_texts(spec: CalibrationSpec, tokenizer: Any) -> tuple[list[str], str]:
         raise ConfigError(f"calibration dataset '{spec.dataset}' does not exist on the Hugging Face Hub (404): fix "
                           "calibration.dataset") from None
     except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise NoSpaceError(f"out of disk while downloading calibration dataset '{spec.dataset}': free space "
-                               "under HF_HOME") from None
-        raise HubUnreachableError(
-            f"cannot reach the Hugging Face Hub for calibration dataset '{spec.dataset}' ({type(err).__name__}); "
-            "use calibration.source: builtin or a local file"
-        ) from None
+        raise hub_download_error(err, f"calibration dataset '{spec.dataset}'",
+                                 "use calibration.source: builtin or a local file") from None
     except ValueError as err:  # a split the dataset does not have
         raise ConfigError(f"calibration dataset '{spec.dataset}': {str(err).splitlines()[0]}: fix "
                           "calibration.split") from None

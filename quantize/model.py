@@ -7,7 +7,6 @@ to a safetensors folder (what llmcompressor and vLLM load) and cached under `.ca
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import json
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qgcore.artifacts import model_config_summary
-from qgcore.errors import HubUnreachableError, ModelNotFoundError, NoSpaceError, QuantgateError
+from qgcore.errors import HubUnreachableError, ModelNotFoundError, QuantgateError, hub_download_error
 from qgcore.hashing import MODEL_FILE_SUFFIXES, cached_file_key, hash_model_dir
 from qgcore.paths import CACHE_DIR, DEFAULT_MODEL, DEFAULT_SLUG, slugify
 
@@ -103,13 +102,8 @@ def _resolve_hub(repo_id: str) -> ResolvedModel:
     except QuantgateError:
         raise
     except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise NoSpaceError(f"out of disk while downloading '{repo_id}': free space under HF_HOME or point "
-                               "MODEL at a local folder") from None
-        raise HubUnreachableError(
-            f"cannot reach the Hugging Face Hub for '{repo_id}' ({type(err).__name__}); "
-            "download it elsewhere and pass a local folder: MODEL=/path/to/model"
-        ) from None
+        raise hub_download_error(err, f"'{repo_id}'", "download it elsewhere and pass a local folder: "
+                                 "MODEL=/path/to/model") from None
     except Exception as err:  # connection refused, DNS, offline mode: all mean "no hub here"
         raise HubUnreachableError(
             f"cannot reach the Hugging Face Hub for '{repo_id}' ({type(err).__name__}); "

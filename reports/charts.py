@@ -55,8 +55,9 @@ def _frame(width: int, height: int, label: str) -> list[str]:
 
 
 def forest_svg(rows: list[dict[str, Any]], *, margin: float | None, higher_is_better: bool, metric: str,
-               width: int = 620) -> str:
-    """Per variant: delta vs bf16 with its CI, against the non-inferiority margin line, coloured by outcome."""
+               width: int = 620, reference: str = "the reference") -> str:
+    """Per variant: delta vs the reference with its CI, against the non-inferiority margin line, coloured by
+    outcome."""
     rows = [r for r in rows if r.get("ci_low") is not None and r.get("ci_high") is not None]
     if not rows:
         return "<p class='muted'>No paired comparison to plot.</p>"
@@ -88,7 +89,7 @@ def forest_svg(rows: list[dict[str, Any]], *, margin: float | None, higher_is_be
                    f"{_esc(r.get('outcome', ''))}</title></circle>")
     direction = "higher is better" if higher_is_better else "lower is better"
     out.append(f"<text x='{(left + width - right) / 2:.0f}' y='{height - 8}' text-anchor='middle' class='axis'>"
-               f"{_esc(metric)}: variant − bf16 ({direction})</text></svg>")
+               f"{_esc(metric)}: variant − {_esc(reference)} ({direction})</text></svg>")
     return "".join(out)
 
 
@@ -302,7 +303,48 @@ def _forests(data: dict[str, Any]) -> dict[str, str]:
             rows.append({"name": name, "delta": n["delta"], "ci_low": n["ci_low"], "ci_high": n["ci_high"],
                          "outcome": c["outcome"]})
             margin, hib = n.get("margin"), bool(n.get("higher_is_better", True))
-        out[f"task-{task}"] = forest_svg(rows, margin=margin, higher_is_better=hib, metric=task)
+        out[f"task-{task}"] = forest_svg(rows, margin=margin, higher_is_better=hib, metric=task,
+                                         reference=data.get("reference", "the reference"))
+    return out
+
+
+@chart("throughput")
+def _throughput(data: dict[str, Any]) -> dict[str, str]:
+    """Output tok/s at capacity over the reference's, from interleaved pairs, against the check's floor."""
+    rows, margin = [], None
+    for name, dec in data["verdict"]["variants"].items():
+        c = next((c for c in dec["checks"] if c["name"] == "performance:throughput"), None)
+        n = (c or {}).get("numbers") or {}
+        if "low" not in n:
+            continue
+        rows.append({"name": name, "delta": n["ratio"] - 1, "ci_low": n["low"] - 1, "ci_high": n["high"] - 1,
+                     "outcome": c["outcome"]})  # type: ignore[index]
+        margin = 1 - n["floor"]
+    return {"throughput": forest_svg(rows, margin=margin, higher_is_better=True, metric="output tok/s ratio − 1",
+                                     reference=data.get("reference", "the reference"))}
+
+
+def _line(series: dict[str, Any], key: str, label: str, t0: float, scale: float = 1.0) -> dict[str, Any]:
+    return {"name": label, "points": [(t - t0, val * scale) for t, val in series.get(key) or []]}
+
+
+@chart("prometheus")
+def _prometheus(data: dict[str, Any]) -> dict[str, str]:
+    """Per variant, what the bench's Prometheus recorded over the sweep: queue time p95 and KV-cache
+    occupancy, by the same PromQL the deploy kit's scaler runs (the queries are printed under the chart)."""
+    out = {}
+    for v in data["variants"]:
+        prom = (v["bench"] or {}).get("prometheus") or {}
+        series = prom.get("series") or {}
+        if not series:
+            continue
+        t0 = min((p[0] for s in series.values() for p in s), default=0.0)
+        queue = _line(series, "queue_time_p95_s", "queue time p95", t0)
+        kv = _line(series, "kv_cache_usage", "KV cache occupancy", t0, 100)
+        waiting = _line(series, "waiting", "requests waiting", t0)
+        out[f"prom-{v['name']}"] = (
+            curves_svg([queue], x_label="seconds into the sweep", y_label="queue time p95, s")
+            + curves_svg([kv, waiting], x_label="seconds into the sweep", y_label="KV occupancy % / requests waiting"))
     return out
 
 

@@ -133,9 +133,11 @@ def build_kit(variant: str, deploy_command: str, bench: dict[str, Any], serving:
     at, past = knee["at"] or {}, knee["past"] or {}
     kv_at = (at.get("promql") or {}).get("kv_cache_usage")
     wait_past = (past.get("promql") or {}).get("waiting")
-    q = {"waiting": f'sum(vllm:num_requests_waiting{{model_name="{variant}"}})',
-         # a utilization: averaged over replicas and read as a Value, so HPA scales by current/target
-         "kv": f'avg(vllm:kv_cache_usage_perc{{model_name="{variant}"}})'}
+    # the very queries the bench's Prometheus ran during the sweep (recorded beside their values): one home
+    recorded = (bench.get("prometheus") or {}).get("queries") or {}
+    if "waiting" not in recorded or "kv_cache_usage" not in recorded:
+        raise ArtifactError(f"{variant}/bench.json has no Prometheus queries: rerun `make bench` with prometheus on")
+    q = {"waiting": recorded["waiting"], "kv": recorded["kv_cache_usage"]}
     kv_threshold = _threshold(kv_at, 0.05)
     wait_threshold = _threshold(wait_past, 1.0)
     args = shlex.split(deploy_command)[2:]  # after "vllm serve": the checkpoint path, then the flags

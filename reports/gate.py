@@ -121,7 +121,8 @@ def task_p_value(comp: dict[str, Any], q: QualityPolicy) -> float:
         return 1.0
     p = float(comp["p_noninferior"])
     if comp.get("chance") is not None:
-        p = max(p, float(comp.get("p_above_chance") if comp.get("p_above_chance") is not None else 1.0))
+        above = comp.get("p_above_chance")
+        p = max(p, float(above) if above is not None else 1.0)
     return p
 
 

@@ -38,9 +38,10 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _schema() -> type:
-    fields: dict[str, Any] = {"schema_version": (Literal[2], ...)}  # type: ignore[valid-type]
+    fields: dict[str, Any] = {"schema_version": (Literal[2], ...)}
     fields |= {name: (spec.section, ...) for name, spec in CHECKS.items()}
-    return create_model("PolicyFile", __config__=ConfigDict(extra="forbid"), **fields)
+    model: type = create_model("PolicyFile", __config__=ConfigDict(extra="forbid"), **fields)
+    return model
 
 
 def load_policy(path: Path | None = None) -> GatePolicy:

@@ -19,7 +19,9 @@ from qgcore.artifacts import BenchRun, CheckpointManifest, EvalRun, RunRecord
 from quantgate.cli import main
 from reports.deploy import check_kit
 
-pytestmark = pytest.mark.vllm
+# slow: four TP=2 servers on two cores (~5 min); `make test-slow`. The bench's sweep, pairs, Prometheus and
+# kit are also covered by the default suite's unit tests on recorded series (tests/unit/test_deploy.py).
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # a sweep that fits a test: short requests, levels of a few seconds, two interleaved pairs
 BENCH = {"workloads": [{"name": "random", "kind": "random", "input_len": 32, "output_len": 8}], "start": 1,

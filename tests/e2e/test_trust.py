@@ -47,30 +47,53 @@ def mmlu_pro_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_mmlu_pro_cache(tmp_path_factory.mktemp("hf"))
 
 
+def _use_cache(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """HF_HOME as a user sets it before starting quantgate. `datasets` reads it into its config when first
+    imported, which in this test process happened long before: its config is pointed there too."""
+    import datasets.config
+
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+    # HF_HUB_OFFLINE=1, as the README tells a machine without network: straight to the cache, instead of
+    # each of the 14 subjects' loads waiting for the hub to time out first
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.slow  # 14 prompts of ~2.5k tokens through SmolLM2 on two cores: ~4 min
 def test_mmlu_pro_generative_is_scored_offline_with_real_prompt_lengths(smollm2_run: Path, mmlu_pro_home: Path,
                                                                         tmp_path: Path, monkeypatch):
-    """`make eval TASKS=mmlu_pro` on the default model, bf16 and fp8, one question per subject."""
+    """`make eval TASKS=mmlu_pro` on the default model, one question per subject (the reference only: on
+    this CPU a 2k-token prompt costs ~10 s of prefill, so every variant would double it)."""
     run = copy_run(smollm2_run, tmp_path)
-    monkeypatch.setenv("HF_HOME", str(mmlu_pro_home))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(mmlu_pro_home / "datasets"))
-    assert main(["eval", "--runs", str(tmp_path), "--tasks", "mmlu_pro", "--limit", "1",
+    _use_cache(monkeypatch, mmlu_pro_home)
+    assert main(["eval", "--runs", str(tmp_path), "--recipes", "bf16", "--tasks", "mmlu_pro", "--limit", "1",
                  "--divergence-docs", "0"]) == 0
-    gens = {}
-    for name in ("bf16", "fp8"):
-        res = EvalRun.read(run / name / "eval.json").tasks["mmlu_pro"]
-        assert res.status == "scored" and res.engine == "vllm", res.reason
-        assert res.n_items == len(CATEGORIES) and res.metric.startswith("exact_match") and res.binary
-        assert 0 <= res.value <= 1
-        g = res.generation
-        assert g["requests"] == len(CATEGORIES) and g["task_budget"] == 2048  # lm-eval's own max_gen_toks
-        assert g["budget"] == g["cap"] == CPU_GEN_CAP  # the CPU cap, recorded
-        assert 1500 <= g["max_prompt_tokens"] <= 3000  # MMLU-Pro's 5-shot CoT length, whole (no cut)
-        assert g["cut_by_context"] == 0 and g["max_prompt_tokens"] + g["budget"] <= g["context"] == 8192
-        ended = g["finish_reasons"]
-        assert sum(ended.values()) == len(CATEGORIES) and set(ended) <= {"stop", "length"}
-        assert g["hit_budget"] == ended.get("length", 0)  # every length stop is the budget, never the context
-        gens[name] = g
-    assert gens["bf16"]["budget"] == gens["fp8"]["budget"]  # the same cap for the reference and the variant
+    res = EvalRun.read(run / "bf16" / "eval.json").tasks["mmlu_pro"]
+    assert res.status == "scored" and res.engine == "vllm", res.reason
+    assert res.n_items == len(CATEGORIES) and res.metric.startswith("exact_match") and res.binary
+    assert 0 <= res.value <= 1 and len(res.items) == len(CATEGORIES)
+    g = res.generation
+    assert g["requests"] == len(CATEGORIES) and g["task_budget"] == 2048  # lm-eval's own max_gen_toks
+    assert g["budget"] == g["cap"] == CPU_GEN_CAP  # the CPU cap, recorded
+    assert 1500 <= g["max_prompt_tokens"] <= 3000  # MMLU-Pro's 5-shot CoT length, whole (no cut)
+    assert g["cut_by_context"] == 0 and g["max_prompt_tokens"] + g["budget"] <= g["context"] == 8192
+    ended = g["finish_reasons"]
+    assert sum(ended.values()) == len(CATEGORIES) and set(ended) <= {"stop", "length"}
+    assert g["hit_budget"] == ended.get("length", 0)  # every length stop is the budget, never the context
+    # the cap is the platform's, in every variant's cache key alike: bf16 and any variant get the same budget
+    from evals.scoring import TaskSpec, Variant
+    from quantgate.context import resolve
+
+    ctx = resolve(runs_root=tmp_path, model=None)
+    spec = TaskSpec("mmlu_pro", task_hash="h", source=None, limit=1, generative=True)
+    from quantgate.bench_perf_gate import make_twin
+
+    twin = make_twin(run, "bf16", name="fp8", family="8bit")
+    caps = {m.recipe: Variant(m, ctx).gen_cap(spec)
+            for m in (CheckpointManifest.read(run / "bf16" / "manifest.json"), twin)}
+    assert caps == {"bf16": CPU_GEN_CAP, "fp8": CPU_GEN_CAP}
     # lm-eval's own prompt (its 5-shot chain of thought from the validation split) is what the server answered
     sample = json.loads((run / "bf16" / "eval" / "samples" / "mmlu_pro.jsonl").read_text().splitlines()[0])
     prompt = json.dumps(sample["arguments"])
@@ -83,14 +106,15 @@ def test_a_task_that_does_not_fit_the_context_fails_alone(base_run, mmlu_pro_hom
     the reason before anything is sent; the variant's other task is scored; the stage reports lost work."""
     runs = tmp_path / "r"
     run = copy_run(base_run["run_dir"], runs)
-    monkeypatch.setenv("HF_HOME", str(mmlu_pro_home))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(mmlu_pro_home / "datasets"))
+    _use_cache(monkeypatch, mmlu_pro_home)
+    # one subject of lm-eval's mmlu_pro group (its own config, the same chat path); the whole group is the
+    # slow test above
     rc = main(["eval", "--model", str(base_run["model"]), "--runs", str(runs), "--recipes", "bf16",
-               "--tasks", "mmlu_pro,qg_mmlu_dev", "--limit", "1", "--divergence-docs", "0"])
-    assert rc == 9
+               "--tasks", "mmlu_pro_biology,qg_mmlu_dev", "--limit", "1", "--divergence-docs", "0"])
+    assert rc == 9  # finishes (a failed task is not retried within the run) and says some work was lost
     ev = EvalRun.read(run / "bf16" / "eval.json")
     assert ev.status == "served"
-    bad = ev.tasks["mmlu_pro"]
+    bad = ev.tasks["mmlu_pro_biology"]
     assert bad.status == "failed:context" and "exceed the served context 2048" in bad.reason
     assert "--max-model-len" in bad.reason
     assert ev.tasks["qg_mmlu_dev"].status == "scored" and ev.tasks["qg_mmlu_dev"].n_items == 1

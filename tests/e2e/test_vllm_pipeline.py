@@ -184,6 +184,49 @@ def test_rerun_reuses_every_finished_pair(pipeline, monkeypatch):
     assert _eval(pipeline) == 0
 
 
+def test_a_failed_diagnostic_is_the_diagnostics_and_a_parser_bug_is_a_tool_error(pipeline, monkeypatch, capsys):
+    """A divergence fetch that times out leaves fp8's tasks scored and the verdict decided on them; lm-eval
+    output quantgate cannot parse is exit 1 with the cause (a tool error), never a rejection."""
+    from evals import divergence, quality
+
+    run_dir = pipeline["run_dir"]
+    for p in (run_dir / "fp8").rglob("divergence-topk.npz"):
+        p.unlink()
+    real = divergence.server_topk
+
+    def times_out(url, name, div):
+        if name == "fp8":
+            raise TimeoutError("the server took longer than 600 s")
+        return real(url, name, div)
+
+    monkeypatch.setattr(divergence, "server_topk", times_out)
+    assert _eval(pipeline) == 0
+    ev = EvalRun.read(run_dir / "fp8" / "eval.json")
+    assert ev.status == "served" and all(t.status == "scored" for t in ev.tasks.values())
+    div = DivergenceRun.read(run_dir / "fp8" / "divergence.json")
+    assert div.status == "failed:fetch" and "TimeoutError" in (div.reason or "")
+    assert main(["gate", str(run_dir)]) in (0, 2)
+    checks = json.loads((run_dir / "verdict.json").read_text())["variants"]["fp8"]["checks"]
+    decided = [c for c in checks if c["name"].startswith("quality:qg_")]
+    assert decided and all("divergence" not in c["reason"] and "serve" not in c["reason"] for c in decided), decided
+    diag = [c for c in checks if c["name"].startswith("divergence")]
+    assert diag and all(c["outcome"] == "skipped" for c in diag), diag
+    monkeypatch.setattr(divergence, "server_topk", real)
+
+    for p in (run_dir / "nvfp4").rglob("qg_mmlu_dev.json"):
+        p.unlink()  # nvfp4's accuracy task is scored again (emulated: no server to start), and cannot be parsed
+
+    def broken(task, out, samples):
+        raise KeyError("acc_norm,none")
+
+    monkeypatch.setattr(quality, "parse_results", broken)
+    capsys.readouterr()
+    assert _eval(pipeline) == 1
+    err = capsys.readouterr().err
+    assert "parsing lm-eval's output for qg_mmlu_dev failed: KeyError" in err
+    assert not _servers_left(pipeline["runs"])
+
+
 def test_server_killed_mid_eval_marks_the_variant_failed_and_the_others_continue(pipeline, monkeypatch):
     run_dir = pipeline["run_dir"]
     shutil.rmtree(run_dir / "fp8" / "eval")  # fp8 is scored again and its server killed mid-run

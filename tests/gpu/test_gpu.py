@@ -55,7 +55,7 @@ def test_six_recipes_quantize_on_cuda_with_time_and_peak_memory(quantized):
     rows = {}
     for name in RECIPES:
         m = CheckpointManifest.read(quantized["run_dir"] / name / "manifest.json")
-        assert m.device["device"] == "cuda" and m.device["compute_capability"] >= "8.0"
+        assert m.device["device"] == "cuda" and float(m.device["compute_capability"]) >= 8.0
         if name != "bf16":
             assert m.peak_memory["cuda_max_allocated_bytes"] > 100 * 2**20, name
         rows[name] = {"wall_seconds": m.wall_seconds, "cuda_peak_gib": round(m.peak_memory.get(
@@ -69,32 +69,35 @@ def test_six_recipes_quantize_on_cuda_with_time_and_peak_memory(quantized):
 
 
 def test_emulated_scoring_runs_on_cuda(quantized):
-    from evals.quality import task_manager
-    from evals.stage import _eval_variant, _Plan
-    from evals.tasks import build_builtin_suite
+    """The emulation engine (transformers + compressed-tensors decompression, through lm-eval's hf backend) on
+    CUDA, driven by the eval stage's own session code; the comparison by the gate's own engine."""
+    from evals.scoring import Variant, Work, score_session
+    from evals.stage import EvalRequest, EvalStage
     from qgcore.artifacts import CheckpointManifest
-    from qgcore.paths import CACHE_DIR
-    from qgcore.stats import compare_runs
+    from qgcore.stats import compare
     from qgcore.vocab import EMULATED
+    from quantgate.context import resolve
 
-    run_dir = quantized["run_dir"]
-    suite = build_builtin_suite(CACHE_DIR)
-    tm = task_manager([suite.include_dir])
-    tasks = ["qg_stdlib_ppl"]
-    runs = {}
+    ctx = resolve(runs_root=quantized["runs"], model=str(quantized["model"]))
+    assert ctx.platform.kind == "cuda"
+    task = "qg_stdlib_ppl"
+    stage = EvalStage(ctx, EvalRequest(tasks=[task], limit=40, divergence_docs=0), quiet=True)
+    spec = stage.spec(task).fixed()
+    runs, seconds = {}, {}
     for name in ("bf16", "nvfp4"):
-        m = CheckpointManifest.read(run_dir / name / "manifest.json")
+        v = Variant(CheckpointManifest.read(quantized["run_dir"] / name / "manifest.json"), ctx, EMULATED)
         started = time.perf_counter()
-        runs[name] = _eval_variant(_Plan(m, run_dir, EMULATED), tasks, suite.hashes, suite.sources, {}, tm, 40,
-                                   False, {"qg_stdlib_ppl": False})
-        runs[name] = runs[name].model_copy(update={"wall_seconds": round(time.perf_counter() - started, 1)})
-        assert runs[name].status == "ok" and runs[name].engine == EMULATED
-        assert "cuda" in runs[name].provenance["flags"]
-    comp = compare_runs(runs["nvfp4"], runs["bf16"])["qg_stdlib_ppl"]
-    _record("emulated_cuda", {n: {"bits_per_byte": r.tasks["qg_stdlib_ppl"].value, "seconds": r.wall_seconds}
-                              for n, r in runs.items()} | {"delta": comp["delta"], "ci": [comp["ci_low"],
-                                                                                          comp["ci_high"]]})
-    assert comp["n_items"] == 40 and comp["delta"] != 0.0  # a 4-bit copy of random weights scores differently
+        res = score_session(v, Work(name, EMULATED, {task: None}), {task: spec}, stage.index, None)
+        seconds[name] = round(time.perf_counter() - started, 1)
+        assert res.status == "served"
+        runs[name] = v.saved(stage.key_spec(task, EMULATED))
+        assert runs[name] is not None and runs[name].status == "scored" and runs[name].engine == EMULATED
+        assert "cuda" in v.flags()
+    items = {n: {k: (x[0], x[1]) for k, x in r.items.items()} for n, r in runs.items()}
+    comp = compare(items["bf16"], items["nvfp4"], metric="bits_per_byte,none", higher_is_better=False, margin=0.03)
+    _record("emulated_cuda", {n: {"bits_per_byte": r.value, "seconds": seconds[n]} for n, r in runs.items()}
+            | {"delta": comp.delta, "interval_at_5pct": comp.intervals})
+    assert comp.n_items == 40 and comp.delta != 0.0  # a 4-bit copy of random weights scores differently
 
 
 def test_nvml_reads_a_real_cuda_process_tree_not_the_whole_device():

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from evals.prom import queries
 from qgcore.artifacts import BenchRun, CheckpointManifest, EvalRun
 from qgcore.device import Platform
 from qgcore.run import RunContext
@@ -62,7 +63,8 @@ def write_bench(ctx: RunContext, name: str, *, capacity: int | None = 8, status:
     BenchRun(variant=name, status=status, key=f"k-{name}", tool={"name": "vllm bench serve", "version": "0.32.0"},
              settings=BenchConfig().model_dump(mode="json"), levels=levels,
              slo={"ttft_p95_s": 3.0}, memory={}, capacity={"load": capacity, "max_num_seqs": capacity},
-             server={"command": command}, prometheus={"raw": raw} if raw else {}).write(vdir / "bench.json")
+             server={"command": command},
+             prometheus={"queries": queries(name), "raw": raw or []}).write(vdir / "bench.json")
     return command
 
 
@@ -183,7 +185,8 @@ def test_other_measurements_give_other_thresholds(tmp_path: Path):
     for cap, queue in ((4, 30.0), (12, 0.5)):
         objs = write_kit(tmp_path / str(cap), "fp8", "vllm serve /ckpt --served-model-name fp8 --seed 0",
                          {"settings": {"workloads": [{"name": "random"}]}, "capacity": {"load": cap},
-                          "levels": sweep(cap, queue_past=queue)}, {"tensor_parallel": 1}, "promote")
+                          "levels": sweep(cap, queue_past=queue), "prometheus": {"queries": queries("fp8")}},
+                         {"tensor_parallel": 1}, "promote")
         kit_for[cap] = objs["scaledobject"]["spec"]["triggers"]
     assert float(kit_for[4][1]["metadata"]["threshold"]) == pytest.approx(0.06 * 4 * (1 - HEADROOM))
     assert float(kit_for[4][0]["metadata"]["threshold"]) == pytest.approx(30.0 * (1 - HEADROOM))
@@ -398,7 +401,7 @@ def test_promtool_agrees_with_the_expectations_and_would_catch_a_wrong_one(tmp_p
     kit = tmp_path / "kit"
     write_kit(kit, "fp8-kv", "vllm serve /ckpt --served-model-name fp8-kv --seed 0",
               {"settings": {"workloads": [{"name": "random"}]}, "capacity": {"load": 8}, "levels": sweep(8),
-               "prometheus": {"raw": raw}}, {"tensor_parallel": 1}, "promote")
+               "prometheus": {"raw": raw, "queries": queries("fp8-kv")}}, {"tensor_parallel": 1}, "promote")
     rules = {r["alert"]: r for r in yaml.safe_load((kit / "alerts.yaml").read_text())["groups"][0]["rules"]}
     test = yaml.safe_load((kit / "alerts.test.yaml").read_text())
     for case in test["tests"][0]["alert_rule_test"]:
@@ -453,3 +456,20 @@ def test_the_bench_records_the_raw_series_the_promtool_test_replays(tmp_path: Pa
         "settings": {"workloads": [{"name": "random"}]}, "capacity": {"load": 8}, "levels": sweep(8),
         "prometheus": recorded}, {"tensor_parallel": 1}, "promote")
     assert (kit / "alerts.test.yaml").is_file()
+
+
+def test_the_scaler_runs_the_queries_the_bench_measured_the_knee_with(tmp_path: Path):
+    """One home for the PromQL: the ScaledObject's queries are the bench artifact's recorded ones (whatever
+    they are), and a bench without them cannot give thresholds."""
+    from qgcore.errors import ArtifactError
+
+    recorded = queries("fp8") | {"waiting": 'sum(vllm:num_requests_waiting{model_name="fp8",x="y"})'}
+    bench = {"settings": {"workloads": [{"name": "random"}]}, "capacity": {"load": 8}, "levels": sweep(8),
+             "prometheus": {"queries": recorded}}
+    objs = write_kit(tmp_path / "a", "fp8", "vllm serve /ckpt --served-model-name fp8", bench, {"tensor_parallel": 1},
+                     "promote")
+    trig = {t["name"]: t["metadata"]["query"] for t in objs["scaledobject"]["spec"]["triggers"]}
+    assert trig == {"queue": recorded["waiting"], "kv-cache": recorded["kv_cache_usage"]}
+    with pytest.raises(ArtifactError, match="no Prometheus queries"):
+        write_kit(tmp_path / "b", "fp8", "vllm serve /ckpt", bench | {"prometheus": {}}, {"tensor_parallel": 1},
+                  "promote")

@@ -10,6 +10,7 @@ group-sequential design by simulation with enough runs that a rate of 1.2 x the 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,8 +48,22 @@ LEVELS = Q.levels(_declared_k())
 
 
 def test_one_alpha():
-    """README, policy and help text quote this number; the tests below hold the gate to it."""
+    """README, policy YAML and help text quote one number; the tests below hold the gate to it."""
+    import re
+    import subprocess
+    import sys
+
     assert ALPHA == 0.05 and LEVELS[-1] == ALPHA and len(LEVELS) == _declared_k() >= 4
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    assert f"**One alpha: {ALPHA}.**" in readme
+    quoted = {float(x) for x in re.findall(r"\balpha\b[^.\n]{0,40}?\b(0\.\d+)\b", readme)}
+    assert quoted <= {ALPHA}, quoted  # no other value of alpha anywhere in the README
+    yaml_text = (root / "reports" / "policy.default.yaml").read_text()
+    assert re.search(rf"^  alpha: {ALPHA}$", yaml_text, re.M)
+    helptext = subprocess.run([sys.executable, "-m", "quantgate.cli", "gate", "--help"], capture_output=True,
+                              text=True, check=True, cwd=root).stdout
+    assert f"quality.alpha {ALPHA} " in " ".join(helptext.split())
 
 
 @pytest.fixture(scope="module")

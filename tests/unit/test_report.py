@@ -21,7 +21,18 @@ import numpy as np
 import pytest
 
 from evals.bench_stage import DEMO_CPU_CONFIG, add_need
-from evals.perf import SLO, capacity_of, capacity_summary, max_sequences, meets_slo, ratio_interval
+from evals.perf import (
+    SLO,
+    Prices,
+    break_even,
+    capacity_of,
+    capacity_summary,
+    fit_table,
+    max_sequences,
+    meets_slo,
+    ratio_interval,
+)
+from evals.prom import queries
 from qgcore.artifacts import (
     BenchRun,
     CheckpointManifest,
@@ -196,10 +207,23 @@ def _bench(run: Path, m: CheckpointManifest, plan: Plan, tps: float, ref_tps: fl
     mem = add_need(mem, m, m.serve.get("kv_cache_dtype", "auto"), 2048, capacity.get("load"))
     mem |= {"context_len": 2048, "max_concurrent_sequences_at_context_len": max_sequences(9000, 2048)}
     config = DEMO_CPU_CONFIG.name if plan.demo else "bench.cpu.yaml"
+    # what the bench's Prometheus recorded (the evals.prom queries, one sample a second over 40 s) and the economics
+    # evals.perf computes from the capacity
+    qs = queries(m.recipe)
+    series = {"queue_time_p95_s": [[100.0 + t, 0.01 * t] for t in range(40)],
+              "kv_cache_usage": [[100.0 + t, min(t / 40, 1.0)] for t in range(40)],
+              "waiting": [[100.0 + t, float(t > 30)] for t in range(40)]}
+    economics = {"break_even": break_even(capacity.get("usd_per_1m_output_tokens"), 1, 0.10, Prices(),
+                                          capacity.get("output_tokens_per_s"), 2.0),
+                 "fit": fit_table(mem.get("weights_bytes"), 4096, 2048, capacity.get("load"), 1)}
     BenchRun(variant=m.recipe, status="served", key=f"{m.recipe}-bench", tool={"name": "vllm bench serve",
                                                                                  "version": "test"},
-             settings={"input_len": 128, "output_len": 64, "seed": 0, "price_key": "cpu", "config": config},
+             settings={"input_len": 128, "output_len": 64, "seed": 0, "price_key": "cpu", "config": config,
+                       "price_per_hour": 0.10, "economics": economics},
              levels=levels, slo=slo.model_dump(), capacity=capacity, throughput_vs_reference=ratio, memory=mem,
+             workloads={"random": {"capacity_load": capacity.get("load"), "stopped": "SLO missed at concurrency 8",
+                                   "output_tokens_per_s": capacity.get("output_tokens_per_s")}},
+             prometheus={"queries": qs, "series": series, "scrape_interval_s": 1.0, "prometheus": "test"},
              wall_seconds=40.0).write(run / m.recipe / "bench.json")
 
 
@@ -547,3 +571,17 @@ def test_report_renders_offline_in_headless_chromium_without_javascript(gated: P
     assert shot.is_file(), "no screenshot"
     for verdict in ("promote", "reject"):  # badges, outcome text and chart marks share these colours
         assert _colour_pixels(shot, charts.VERDICT_COLORS[verdict]) > 200, f"nothing painted in {verdict}'s colour"
+
+
+def test_the_bench_section_shows_capacity_economics_and_the_prometheus_queries(gated: Path):
+    """Every number names its source: the break-even with the playbook's rule and the price it used, the fit
+    table labelled memory only, and the PromQL the curves (and the deploy kit's scaler) come from."""
+    html = (gated / "report.html").read_text()
+    bench = BenchRun.read(gated / "fp8" / "bench.json")
+    be = bench.settings["economics"]["break_even"]
+    assert "Self-hosting break-even (API spend &gt; GPU spend + 0.5 SRE)" in html
+    if be.get("monthly_output_tokens"):
+        assert f"{be['monthly_output_tokens'] / 1e6:.0f}M output tokens a month" in html
+    assert "memory only, not measured on it" in html and "H100" in html
+    assert bench.prometheus["queries"]["kv_cache_usage"].replace('"', "&#34;") in html  # jinja escaping
+    assert 'id="throughput"' in html and "SLO missed at concurrency 8" in html
