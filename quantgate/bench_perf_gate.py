@@ -51,9 +51,10 @@ def decide(ratio: dict[str, Any] | None, ref_cap: int | None, cap: int | None) -
     """The gate's own throughput check on one repetition's pairs."""
     policy = load_policy()
     section = policy["performance"]
-    bench = {"status": "served", "capacity": {"load": cap}, "throughput_vs_reference": ratio, "slo": {}}
+    bench = {"status": "served", "capacity": {"load": cap, "load_kind": "concurrency"},
+             "throughput_vs_reference": ratio, "slo": {}}
     ev = Evidence(TWIN, "8bit", "reference", RecipeGate(), None, None, {}, bench,
-                  {"status": "served", "capacity": {"load": ref_cap}})
+                  {"status": "served", "capacity": {"load": ref_cap, "load_kind": "concurrency"}})
     checks = CHECKS["performance"].run(ev, section, policy.quality.alpha)
     return next(c.outcome for c in checks if c.name == "performance:throughput")
 

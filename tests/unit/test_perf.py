@@ -366,3 +366,16 @@ def test_bench_config_missing_file_and_defaults(tmp_path):
     with pytest.raises(ConfigError, match="max_load"):
         load_bench_config(None, 0)
     assert Workload(name="p", kind="prefix", prefix_len=8).num_prefixes == 4
+
+
+def test_bench_perf_gate_decides_with_the_gates_own_throughput_check():
+    """`make bench-perf-gate` counts what the gate would say about two identical servers' pairs."""
+    from quantgate.bench_perf_gate import decide
+
+    def ratio(lo: float, hi: float) -> dict:
+        return {"ratio": (lo + hi) / 2, "low": lo, "high": hi, "level": 0.9, "pairs": 5, "per_pair": []}
+
+    assert decide(ratio(0.97, 1.03), 2, 2) == "pass"  # shown >= 0.95x
+    assert decide(ratio(0.80, 0.93), 2, 2) == "fail"  # shown below
+    assert decide(ratio(0.93, 1.02), 2, 2) == "inconclusive"  # a false reject for identical servers
+    assert decide(None, 2, 2) == "fail"  # the variant measured no throughput at capacity
