@@ -45,6 +45,17 @@ def documents(split: Split, min_chars: int = 200) -> tuple[str, ...]:
     return tuple(docs)
 
 
+def _parse(source: str) -> ast.Module:
+    """ast.parse, once more on CPython 3.11's spurious "AST constructor recursion depth mismatch": its
+    recursion-depth check is interpreter-wide, so a compile running in another thread at the same moment (seen
+    here: lm-eval's request threads still draining after a crashed server) can trip it. The text is the same,
+    so the second parse is the real answer."""
+    try:
+        return ast.parse(source)
+    except SystemError:
+        return ast.parse(source)
+
+
 @lru_cache(maxsize=4)
 def _split_docs(split: Split, min_chars: int) -> tuple[str, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -54,7 +65,7 @@ def _split_docs(split: Split, min_chars: int) -> tuple[str, ...]:
         if _split_of(rel) != split:
             continue
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            tree = _parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         for node in ast.walk(tree):

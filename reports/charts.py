@@ -325,7 +325,8 @@ def _throughput(data: dict[str, Any]) -> dict[str, str]:
 
 
 def _line(series: dict[str, Any], key: str, label: str, t0: float, scale: float = 1.0) -> dict[str, Any]:
-    return {"name": label, "points": [(t - t0, val * scale) for t, val in series.get(key) or []]}
+    # a level with no samples in its window is recorded as None (Prometheus' NaN): a gap, not a point
+    return {"name": label, "points": [(t - t0, val * scale) for t, val in series.get(key) or [] if val is not None]}
 
 
 @chart("prometheus")

@@ -585,3 +585,10 @@ def test_the_bench_section_shows_capacity_economics_and_the_prometheus_queries(g
     assert "memory only, not measured on it" in html and "H100" in html
     assert bench.prometheus["queries"]["kv_cache_usage"].replace('"', "&#34;") in html  # jinja escaping
     assert 'id="throughput"' in html and "SLO missed at concurrency 8" in html
+
+
+def test_a_prometheus_level_without_samples_is_a_gap_not_a_crash():
+    """PromQL over a window with no samples is NaN, recorded as None: the chart leaves it out."""
+    from reports.charts import _line
+
+    assert _line({"q": [[10.0, None], [11.0, 0.5]]}, "q", "queue", 10.0)["points"] == [(1.0, 0.5)]
