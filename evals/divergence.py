@@ -151,10 +151,10 @@ def hf_topk(checkpoint: Path, dset: DivergenceSet, k: int = TOP_K, device: str =
     import torch
     from transformers import AutoModelForCausalLM
 
-    emulation.install(dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype)).to(device).eval()
     out = []
-    with torch.no_grad():
+    # the whole use, not only the load: compressed-tensors may decompress NVFP4 weights at the first forward
+    with emulation.loading(dtype), torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=getattr(torch, dtype)).to(device).eval()
         for ids in dset.docs:
             logits = model(torch.tensor([ids], device=device)).logits[0, :-1].float()
             lp = torch.log_softmax(logits, dim=-1)

@@ -13,6 +13,8 @@ emulated engine's flags still name it, so cached emulated scores are keyed by it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 FP4_ROUNDING = "fp4-round:spacing-v1"  # part of the emulated engine's flags (cache keys, provenance)
@@ -64,13 +66,26 @@ def _widen_nvfp4() -> None:
     _widened = True
 
 
-def install(dtype: str = "bfloat16") -> bool:
-    """Register `round_to_fp4` as compressed-tensors' `cast_to_fp4` backend for CPU tensors (idempotent), and
-    make NVFP4's decompression produce `dtype` (compressed-tensors unpacks into bf16 whatever the model's
-    dtype, which fails a float32 forward; bf16 values widen exactly). Returns False where compressed-tensors
-    has no such registry (then its own fallback runs, only slower)."""
-    global _installed, _dtype
-    _dtype = dtype
+@contextmanager
+def loading(dtype: str) -> Iterator[None]:
+    """NVFP4 checkpoints loaded and run inside this block decompress into `dtype` (compressed-tensors unpacks
+    into bf16 whatever the model's dtype, which fails a float32 forward; bf16 values widen exactly; it may
+    decompress at the first forward, so the block spans the model's use). Scoped, not process-wide: a bf16 load
+    after it (another engine, another test in the same process) gets bf16 again."""
+    global _dtype
+    install()
+    before, _dtype = _dtype, dtype
+    try:
+        yield
+    finally:
+        _dtype = before
+
+
+def install() -> bool:
+    """Register `round_to_fp4` as compressed-tensors' `cast_to_fp4` backend for CPU tensors (idempotent; the
+    same values as the library's fallback, faster) and the NVFP4 widening hook `loading` sets. Returns False
+    where compressed-tensors has no such registry (then its own fallback runs, only slower)."""
+    global _installed
     _widen_nvfp4()
     if _installed:
         return True

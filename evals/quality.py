@@ -15,6 +15,7 @@ lm-eval's output is a tool error (exit 1), never a score.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -213,7 +214,7 @@ def _chat_class() -> Any:
 def make_model(ep: Endpoint, generative: bool) -> tuple[Any, dict[str, Any]]:
     """The lm-eval model object (or name) and its args for one endpoint."""
     if ep.base_url is None:
-        emulation.install(ep.dtype)  # NVFP4 decompresses into bf16 by itself: widened to ep.dtype there
+        emulation.install()  # the load itself runs in run_task, under emulation.loading(ep.dtype)
         return "hf", {"pretrained": ep.checkpoint, "dtype": ep.dtype,
                       "device": "cuda" if ep.platform == "cuda" else "cpu", "batch_size": 8}
     concurrent = CONCURRENCY[(ep.platform, generative)]
@@ -241,14 +242,16 @@ def run_task(*, task: str, tm: Any, endpoint: Endpoint, generative: bool, limit:
     # the server path caps inside the model (Chat.generate_until); transformers through lm-eval's gen_kwargs
     gen_kwargs = ({"max_gen_toks": endpoint.gen_cap} if generative and endpoint.gen_cap and endpoint.base_url is None
                   else None)
+    loading = emulation.loading(endpoint.dtype) if endpoint.base_url is None else contextlib.nullcontext()
     try:
-        out = lm_eval.simple_evaluate(
-            model=model, model_args=args if isinstance(model, str) else None, tasks=[task],
-            limit=None if items else limit, samples=items, log_samples=True,
-            task_manager=tm, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed, bootstrap_iters=200, apply_chat_template=generative, verbosity="WARNING",
-            gen_kwargs=gen_kwargs,
-        )
+        with loading:  # lm-eval loads the transformers model inside simple_evaluate
+            out = lm_eval.simple_evaluate(
+                model=model, model_args=args if isinstance(model, str) else None, tasks=[task],
+                limit=None if items else limit, samples=items, log_samples=True,
+                task_manager=tm, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                fewshot_random_seed=seed, bootstrap_iters=200, apply_chat_template=generative, verbosity="WARNING",
+                gen_kwargs=gen_kwargs,
+            )
     except TaskFailure:
         raise
     except Exception as err:  # lm-eval building or scoring this task: the task's failure, with the cause

@@ -314,16 +314,53 @@ def divergence_error(v: Variant) -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """Why vLLM could not load `checkpoint` (None if it could, as far as files say): a shard the index names
+    is missing, a safetensors file is truncated or its header is not safetensors (safetensors' own reader
+    checks the header and that the data fills the file), or there is no tokenizer (vLLM loads it from the
+    checkpoint). Seconds here instead of a server start: minutes on a 70B, and a log to read."""
+    from safetensors import SafetensorError, safe_open
+
+    index = checkpoint / "model.safetensors.index.json"
+    fix = "rebuild it (`make quantize` with --force for this recipe)"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            return f"{index} unreadable ({type(err).__name__}: {err}): {fix}"
+        missing = [s for s in shards if not (checkpoint / s).is_file()]
+        if missing:
+            return (f"{checkpoint / missing[0]} is missing ({len(missing)} of {len(shards)} shards the index "
+                    f"names): {fix}")
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights:
+        return f"no *.safetensors weights in {checkpoint}: {fix}"
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{f} is damaged (safetensors: {err}): {fix}"
+    if not any((checkpoint / t).is_file() for t in TOKENIZER_FILES):
+        return (f"no tokenizer in {checkpoint} (none of {', '.join(TOKENIZER_FILES)}): vLLM loads the tokenizer "
+                f"from the checkpoint; {fix}")
+    return None
+
+
 def preflight_reason(v: Variant) -> tuple[str, str] | None:
-    """(code, reason) when `v` must not be served: its checkpoint lies, or the platform has no kernel."""
-    mismatch = config_mismatch(v.checkpoint, v.manifest)
-    if mismatch:
-        return "failed:checkpoint", mismatch
+    """(code, reason) when `v` must not be served: its files are damaged, its config lies, or the platform has
+    no kernel."""
+    problem = checkpoint_damage(v.checkpoint) or config_mismatch(v.checkpoint, v.manifest)
+    if problem:
+        return "failed:checkpoint", problem
     sup = v.support()
     if not sup.ok:
         return "unsupported", f"unsupported on {v.ctx.platform.label}: {sup.reason}"
     return None
 
 
-__all__ = ["EMULATED", "SEED", "SessionResult", "TaskSpec", "Variant", "Work", "cached_topk", "config_mismatch",
-           "divergence_error", "merge_look", "preflight_reason", "score_session"]
+__all__ = ["EMULATED", "SEED", "SessionResult", "TaskSpec", "Variant", "Work", "cached_topk", "checkpoint_damage",
+           "config_mismatch", "divergence_error", "merge_look", "preflight_reason", "score_session"]

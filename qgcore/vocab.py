@@ -23,7 +23,7 @@ VariantStatus = Literal[
     "unsupported",  # no kernel for this scheme/shape on this platform (preflight or vLLM's own refusal)
     "failed:start",  # the server would not start for another reason (a broken checkpoint, a bad flag)
     "failed:crash",  # the server died while scoring or under load
-    "failed:checkpoint",  # the checkpoint's config disagrees with its manifest: never served
+    "failed:checkpoint",  # damaged files (preflight) or a config that disagrees with the manifest: never served
     "skipped:unservable",  # bench only: eval already could not serve it with these flags
     "failed:load",  # bench only: the load generator failed (levels kept)
 ]

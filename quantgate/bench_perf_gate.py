@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from evals.bench_stage import DEMO_CPU_CONFIG, BenchRequest, BenchStage
+from evals.bench_stage import BenchRequest, BenchStage
 from evals.perf import ratio_interval
 from qgcore.artifacts import CheckpointManifest
 from qgcore.quality import RecipeGate
@@ -59,15 +60,40 @@ def decide(ratio: dict[str, Any] | None, ref_cap: int | None, cap: int | None) -
     return next(c.outcome for c in checks if c.name == "performance:throughput")
 
 
+def pooled_log_sd(rows: list[dict[str, Any]]) -> float:
+    """The per-pair log-ratio SD, pooled within blocks (drift between blocks does not count)."""
+    sq, df = 0.0, 0
+    for row in rows:
+        logs = [math.log(x) for x in (row["ratio"] or {}).get("per_pair", [])]
+        if len(logs) > 1:
+            mean = sum(logs) / len(logs)
+            sq += sum((v - mean) ** 2 for v in logs)
+            df += len(logs) - 1
+    return math.sqrt(sq / df) if df else math.nan
+
+
+def pass_probability(sd: float, level: float, margin: float, pairs: int) -> float:
+    """How often two identical servers pass the throughput check at per-pair log-ratio SD `sd`: it passes when
+    the t interval's lower end clears log(1 - margin), so at a true ratio of 1 the probability is a noncentral
+    t tail (scipy.stats.nct). Sharper than a count of passed blocks, and it says how many pairs would do."""
+    from scipy.stats import nct, t
+
+    if not sd > 0:
+        return 1.0
+    crit = float(t.ppf(0.5 + level / 2, pairs - 1))
+    return float(nct.sf(crit, pairs - 1, -math.log(1 - margin) / (sd / math.sqrt(pairs))))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make bench-perf-gate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--runs", type=Path, default=Path("runs/bench-perf-gate"))
     p.add_argument("--repetitions", type=int, default=10, help="independent pair blocks decided by the check")
-    p.add_argument("--config", type=Path, default=DEMO_CPU_CONFIG, help="bench YAML (default: the demo's CPU settings)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="ABAB pairs per block, what one bench run decides on (default 5, as evals/bench.cpu.yaml)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="bench YAML (default: what `make bench` uses here: evals/bench.cpu.yaml without a GPU)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="ABAB pairs per block (default: the config's `repeats`, what one bench run decides on)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     reference = next(r.name for r in load_recipes(None) if r.family == "reference")
@@ -108,16 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ref.stop()
     passed = outcomes.count("pass") / len(outcomes)
-    out = {"model": record.model.model_id, "config": str(args.config), "capacity": {"reference": ref_cap, TWIN: cap},
+    margin = load_policy()["performance"].throughput_margin
+    sd = pooled_log_sd(rows)
+    implied = pass_probability(sd, cfg.level, margin, cfg.repeats)
+    enough = next((n for n in range(2, 201) if pass_probability(sd, cfg.level, margin, n) >= 0.95), None)
+    out = {"model": record.model.model_id, "config": stage.config_name, "capacity": {"reference": ref_cap, TWIN: cap},
            "repeats_per_block": cfg.repeats, "level": cfg.level,
-           "throughput_margin": load_policy()["performance"].throughput_margin, "repetitions": rows,
-           "pass_rate": passed, "outcomes": {o: outcomes.count(o) for o in set(outcomes)},
+           "throughput_margin": margin, "repetitions": rows, "pass_rate": passed,
+           "outcomes": {o: outcomes.count(o) for o in set(outcomes)}, "per_pair_log_sd": sd,
+           "implied_pass_rate": implied, "pairs_for_95": enough,
            "seconds": round(time.perf_counter() - t0, 1)}
     (args.runs / "bench-perf-gate.json").write_text(json.dumps(out, indent=1) + "\n")
     ratios = [row["ratio"]["ratio"] for row in rows if row["ratio"]]
     print(f"two identical {record.reference} servers, {len(outcomes)} blocks of {cfg.repeats} ABAB pairs at capacity "
           f"(c={ref_cap} / {cap}): throughput check passed {passed:.0%} ({out['outcomes']}); ratios "
-          f"{min(ratios):.3f}..{max(ratios):.3f}; {out['seconds']:.0f} s")
+          f"{min(ratios):.3f}..{max(ratios):.3f}; per-pair log-ratio SD {sd:.1%}, implying a {implied:.1%} pass rate "
+          f"at {cfg.repeats} pairs ({enough} pairs would pass 95%); {out['seconds']:.0f} s")
     return 0
 
 

@@ -61,3 +61,17 @@ def test_install_routes_cpu_tensors_through_compressed_tensors_dispatch(monkeypa
     assert _same_bits(cast_to_fp4(x), _library(x))
     assert calls == [x.shape]
     assert ImplBackend.call("quantgate_cast_to_fp4_cpu", x).shape == x.shape
+
+
+def test_nvfp4_widening_is_scoped_to_one_load() -> None:
+    """An emulated fp32 load must not leak into the next bf16 load in the same process (a test after the
+    e2e suite loaded NVFP4 weights widened to fp32 into a bf16 model): the dtype is restored, even on error."""
+    def failing_load() -> None:
+        with emulation.loading("float32"):
+            assert emulation._dtype == "float32"
+            raise OSError("a load that fails")
+
+    assert emulation._dtype == "bfloat16"
+    with pytest.raises(OSError, match="a load that fails"):
+        failing_load()
+    assert emulation._dtype == "bfloat16"

@@ -379,3 +379,19 @@ def test_bench_perf_gate_decides_with_the_gates_own_throughput_check():
     assert decide(ratio(0.80, 0.93), 2, 2) == "fail"  # shown below
     assert decide(ratio(0.93, 1.02), 2, 2) == "inconclusive"  # a false reject for identical servers
     assert decide(None, 2, 2) == "fail"  # the variant measured no throughput at capacity
+
+
+def test_the_perf_gate_pass_probability_matches_a_simulation_of_the_check():
+    """`make bench-perf-gate`'s noncentral-t pass rate against the check itself (ratio_interval's lower end above
+    the floor) on simulated identical servers with that per-pair noise; and the pooled SD recovers the noise."""
+    from quantgate.bench_perf_gate import pass_probability, pooled_log_sd
+
+    rng = random.Random(0)
+    for sd, pairs in ((0.03, 5), (0.05, 8), (0.02, 3), (0.10, 5)):
+        rows = [{"ratio": {"per_pair": [math.exp(rng.gauss(0.01 * b, sd)) for _ in range(pairs)]}} for b in range(400)]
+        assert abs(pooled_log_sd(rows) - sd) < 0.05 * sd  # block means drift (0.01 x b): not counted
+        sims = 20000
+        passed = sum(ratio_interval([(1.0, math.exp(rng.gauss(0, sd))) for _ in range(pairs)], 0.9)["low"] > 0.95
+                     for _ in range(sims))
+        want = pass_probability(sd, 0.9, 0.05, pairs)
+        assert abs(passed / sims - want) < 0.012, (sd, pairs, passed / sims, want)
