@@ -4,9 +4,9 @@ every server.
 
 Per variant and workload (random prompts; a prefix-heavy load), `vllm bench serve` runs a warm-up, then
 loads that double until a level misses the latency SLO or over-saturates (queue time growing across the
-level), then bisect to the highest load that meets it: the capacity. The capacity level is then run in
-pairs with the reference at *its* capacity, alternating, so drift between pairs cancels within each: the
-variant's repeats give its capacity interval, the pairs the ratio the gate decides on. On CPU (and on a
+level), then bisect to the highest load that meets it: the capacity. Then variant and reference run in
+pairs at the same load (the lower capacity), alternating, so drift between pairs cancels within each: the
+pairs give the ratio the gate decides on, the repeats at the variant's capacity its capacity interval. On CPU (and on a
 GPU box with room for both) the reference server stays up beside the variant's; otherwise each block
 restarts its server (slower, and said so in bench.json).
 
@@ -551,7 +551,8 @@ class BenchStage:
     def measure(self, bs: BenchServer, ref_cap: int | None, ref_server: BenchServer | None,
                 prom: promlib.PrometheusServer | None, bar: tqdm) -> _Result:
         """Every workload's sweep, then the capacity level repeated: alone for the reference (or when it has no
-        capacity to pair with), else in pairs with the reference at its own capacity."""
+        capacity to pair with), else in pairs with the reference at the lower of the two capacities (plus
+        repeats at the variant's own capacity when that is higher, for its capacity interval)."""
         res = _Result(server=bs.info)
         for w in self.cfg.workloads:
             cap, stopped = bs.sweep(w, bar)
@@ -562,19 +563,30 @@ class BenchStage:
         cap = res.workloads[primary.name]["capacity_load"]
         repeats: list[dict[str, Any]] = []
         pairs: list[tuple[float, float]] = []
+        pair_load: int | None = None
         if cap is not None and ref_cap is None:
             repeats = [bs.level(primary, cap, phase="repeat", repeat=i + 1) for i in range(self.cfg.repeats)]
         elif cap is not None and ref_cap is not None:
+            # both at the same load, the lower capacity (where both meet the SLO): the capacity a bisection
+            # finds is itself noisy (two identical servers found 11 and 10 here), and throughput at two
+            # different loads differs by the load, not by the checkpoint (8% at 11 vs 10 on this CPU)
+            load = min(cap, ref_cap)
             for i in range(self.cfg.repeats):  # A B A B: each pair back to back, so drift cancels within it
                 if ref_server is not None:
-                    r = ref_server.level(primary, ref_cap, phase="pair", repeat=i + 1)
+                    r = ref_server.level(primary, load, phase="pair", repeat=i + 1)
                 else:
-                    r = self._alternate(self.reference, primary, ref_cap, i + 1, prom, bs)
+                    r = self._alternate(self.reference, primary, load, i + 1, prom, bs)
                     res.restarts += 1
-                v = bs.level(primary, cap, phase="pair", repeat=i + 1)
-                repeats.append(v)
+                v = bs.level(primary, load, phase="pair", repeat=i + 1)
                 pairs.append((float(r["output_throughput"]), float(v["output_throughput"])))
+                if load == cap:
+                    repeats.append(v)
+            if load != cap:  # the capacity interval needs levels at the variant's own capacity
+                repeats = [bs.level(primary, cap, phase="repeat", repeat=i + 1) for i in range(self.cfg.repeats)]
+            pair_load = load
         res.ratio = ratio_interval(pairs, self.cfg.level) if pairs else None
+        if res.ratio is not None:
+            res.ratio["load"] = pair_load
         res.capacity = capacity_summary(cap, repeats, price_per_hour=self.price,
                                         gpus=self.ctx.serving(bs.manifest).gpus, level=self.cfg.level)
         res.capacity["stopped"] = res.workloads[primary.name]["stopped"]

@@ -46,10 +46,10 @@ def documents(split: Split, min_chars: int = 200) -> tuple[str, ...]:
 
 
 def _parse(source: str) -> ast.Module:
-    """ast.parse, once more on CPython 3.11's spurious "AST constructor recursion depth mismatch": its
-    recursion-depth check is interpreter-wide, so a compile running in another thread at the same moment (seen
-    here: lm-eval's request threads still draining after a crashed server) can trip it. The text is the same,
-    so the second parse is the real answer."""
+    """ast.parse, once more on CPython 3.11's spurious "AST constructor recursion depth mismatch": before
+    3.11.8 its recursion-depth counter is interpreter-wide, so another parse interleaved with this one (a thread
+    switch during a garbage collection) can trip it (cpython#106905). The text is the same, so the second parse
+    is the real answer."""
     try:
         return ast.parse(source)
     except SystemError:

@@ -256,8 +256,8 @@ def quality_checks(ev: Evidence, q: QualityPolicy, level: float) -> list[Check]:
 @dataclass(frozen=True)
 class PerformancePolicy:
     __pydantic_config__ = {"extra": "forbid"}
-    # the variant's output tok/s at its capacity must be at least (1 - margin) x the reference's, shown on
-    # the interval of repeated interleaved levels (non-inferiority, like quality); null turns it off
+    # the variant's output tok/s must be at least (1 - margin) x the reference's at the same load (the lower
+    # of the two capacities), on the interval of interleaved pairs (non-inferiority, like quality); null: off
     throughput_margin: float | None
     require_slo: bool  # some load must meet the latency SLO
 
@@ -303,7 +303,8 @@ def performance_checks(ev: Evidence, p: PerformancePolicy, level: float) -> list
         else:
             lo, hi = ratio["low"], ratio["high"]
             nums = ratio | {"floor": floor}
-            txt = (f"{ratio['ratio']:.3f}x {ev.reference}'s output tok/s at capacity ({ratio['level']:.0%} interval "
+            at = f"at {cap.get('load_kind', 'concurrency')} {ratio['load']}" if ratio.get("load") else "at capacity"
+            txt = (f"{ratio['ratio']:.3f}x {ev.reference}'s output tok/s {at} ({ratio['level']:.0%} interval "
                    f"{lo:.3f}..{hi:.3f} over {ratio['pairs']} interleaved pairs), floor {floor:.2f}x")
             outcome = "pass" if lo > floor else "fail" if hi < floor else "inconclusive"
             checks.append(Check("performance:throughput", outcome, txt, nums))

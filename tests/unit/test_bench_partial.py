@@ -200,10 +200,13 @@ def test_everything_served(tmp_path: Path, world: World):
     assert _sweep_loads(ref) == [1, 2, 4, 8, 6, 7]  # double, then bisect to the highest load meeting the SLO
     assert (ref.capacity["load"], fp8.capacity["load"], gptq.capacity["load"]) == (6, 9, 12)
     assert ref.capacity["stopped"] == "SLO missed at concurrency 8" and ref.throughput_vs_reference is None
-    # the variants ran in pairs with the reference at its own capacity: ratio of capacity throughputs
-    assert gptq.throughput_vs_reference["ratio"] == pytest.approx(12 * 8.0 / (6 * 10.0))
-    assert gptq.throughput_vs_reference["pairs"] == 2
-    assert fp8.throughput_vs_reference["ratio"] == pytest.approx(9 * 12.0 / 60.0)
+    # the variants ran in pairs with the reference at the same load, the lower capacity (6): the ratio is the
+    # checkpoints' speed at equal load, not the capacities' ratio; each capacity interval is at its own load
+    assert gptq.throughput_vs_reference["ratio"] == pytest.approx(8.0 / 10.0)
+    assert gptq.throughput_vs_reference["pairs"] == 2 and gptq.throughput_vs_reference["load"] == 6
+    assert fp8.throughput_vs_reference["ratio"] == pytest.approx(12.0 / 10.0)
+    assert gptq.capacity["output_tokens_per_s"] == pytest.approx(12 * 8.0) and gptq.capacity["repeats"] == 2
+    assert {lv["load"] for lv in gptq.levels if lv["phase"] == "pair"} == {6}
     assert world.starts == ["bf16", "fp8", "gptq-4"]  # the reference stayed up beside each variant (CPU)
     pair_levels = [lv for lv in ref.levels if lv["phase"] == "pair"]  # recorded in the reference's file too
     assert len(pair_levels) == 4 and {lv["load"] for lv in pair_levels} == {6}
@@ -221,7 +224,7 @@ def test_a_server_that_will_not_start_loses_only_its_variant(tmp_path: Path, wor
     assert lost.server_log_tail == ["fp8: last line"] and lost.levels == [] and lost.capacity is None
     ref, gptq = _bench(stage, "bf16"), _bench(stage, "gptq-4")
     assert ref.status == gptq.status == "served" and gptq.capacity["load"] == 12
-    assert gptq.throughput_vs_reference["ratio"] == pytest.approx(1.6)
+    assert gptq.throughput_vs_reference["ratio"] == pytest.approx(0.8)  # at the same load (6)
     # a rerun without --force keeps what was served and retries only the lost variant (paired with the reference)
     world.fail_start.clear()
     world.starts.clear()
