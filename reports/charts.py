@@ -310,7 +310,7 @@ def _forests(data: dict[str, Any]) -> dict[str, str]:
 
 @chart("throughput")
 def _throughput(data: dict[str, Any]) -> dict[str, str]:
-    """Output tok/s at capacity over the reference's, from interleaved pairs, against the check's floor."""
+    """Output tok/s over the reference's at the same load, from interleaved pairs, against the check's floor."""
     rows, margin = [], None
     for name, dec in data["verdict"]["variants"].items():
         c = next((c for c in dec["checks"] if c["name"] == "performance:throughput"), None)

@@ -106,6 +106,8 @@ def test_the_bench_sweeps_each_variant_until_it_stops_on_its_own(tp2):
     fp8 = BenchRun.read(run / "fp8" / "bench.json")
     ratio = fp8.throughput_vs_reference
     assert ratio["pairs"] == BENCH["repeats"] and ratio["low"] <= ratio["ratio"] <= ratio["high"]
+    ref_cap = BenchRun.read(run / "bf16" / "bench.json").capacity["load"]
+    assert ratio["load"] == min(ref_cap, fp8.capacity["load"])  # both servers paired at the same load
 
 
 def test_the_deploy_kit_from_the_measured_run_validates(tp2, tmp_path: Path):
