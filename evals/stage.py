@@ -11,9 +11,10 @@ Group-sequential tasks (binary, at least `quality.sequential.min_items` items; `
 are scored look by look in a seeded order recorded in the result; after each round every variant's task is
 tested against the Lan–DeMets boundaries at its stopping level (qgcore.stats.settle) and stops when settled;
 the reference is scored only as far as some variant still needs. A variant whose checkpoint files are
-damaged or whose config lies is `failed:checkpoint` (evals.scoring.preflight_reason); one the platform has no kernel for is `unsupported on <platform>` before any server
-starts (qgcore.kernels), and scored through transformers if asked (`emulated`); a server that will not
-start or dies is `failed:start` / `failed:crash` with vLLM's last lines; a task that errors fails on its
+damaged or whose config lies is `failed:checkpoint` (evals.scoring.preflight_reason); one the platform
+has no kernel for is `unsupported on <platform>` before any server starts (qgcore.kernels), and scored
+through transformers if asked (`emulated`); a server that will not start or dies is `failed:start` /
+`failed:crash` with vLLM's last lines; a task that errors fails on its
 own and the variant keeps the rest.
 """
 
