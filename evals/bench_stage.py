@@ -562,8 +562,6 @@ class BenchStage:
         primary = self.cfg.workloads[0]
         cap = res.workloads[primary.name]["capacity_load"]
         repeats: list[dict[str, Any]] = []
-        pairs: list[tuple[float, float]] = []
-        pair_load: int | None = None
         if cap is not None and ref_cap is None:
             repeats = [bs.level(primary, cap, phase="repeat", repeat=i + 1) for i in range(self.cfg.repeats)]
         elif cap is not None and ref_cap is not None:
@@ -571,6 +569,7 @@ class BenchStage:
             # finds is itself noisy (two identical servers found 11 and 10 here), and throughput at two
             # different loads differs by the load, not by the checkpoint (8% at 11 vs 10 on this CPU)
             load = min(cap, ref_cap)
+            pairs: list[tuple[float, float]] = []
             for i in range(self.cfg.repeats):  # A B A B: each pair back to back, so drift cancels within it
                 if ref_server is not None:
                     r = ref_server.level(primary, load, phase="pair", repeat=i + 1)
@@ -578,15 +577,13 @@ class BenchStage:
                     r = self._alternate(self.reference, primary, load, i + 1, prom, bs)
                     res.restarts += 1
                 v = bs.level(primary, load, phase="pair", repeat=i + 1)
+                repeats.append(v)
                 pairs.append((float(r["output_throughput"]), float(v["output_throughput"])))
-                if load == cap:
-                    repeats.append(v)
             if load != cap:  # the capacity interval needs levels at the variant's own capacity
                 repeats = [bs.level(primary, cap, phase="repeat", repeat=i + 1) for i in range(self.cfg.repeats)]
-            pair_load = load
-        res.ratio = ratio_interval(pairs, self.cfg.level) if pairs else None
-        if res.ratio is not None:
-            res.ratio["load"] = pair_load
+            res.ratio = ratio_interval(pairs, self.cfg.level)
+            if res.ratio is not None:
+                res.ratio["load"] = load
         res.capacity = capacity_summary(cap, repeats, price_per_hour=self.price,
                                         gpus=self.ctx.serving(bs.manifest).gpus, level=self.cfg.level)
         res.capacity["stopped"] = res.workloads[primary.name]["stopped"]

@@ -214,7 +214,7 @@ def _chat_class() -> Any:
 def make_model(ep: Endpoint, generative: bool) -> tuple[Any, dict[str, Any]]:
     """The lm-eval model object (or name) and its args for one endpoint."""
     if ep.base_url is None:
-        emulation.install()  # the load itself runs in run_task, under emulation.loading(ep.dtype)
+        # lm-eval loads it inside run_task's simple_evaluate, under emulation.loading(ep.dtype)
         return "hf", {"pretrained": ep.checkpoint, "dtype": ep.dtype,
                       "device": "cuda" if ep.platform == "cuda" else "cpu", "batch_size": 8}
     concurrent = CONCURRENCY[(ep.platform, generative)]
