@@ -95,7 +95,7 @@ eval: setup
 	  $(SERVING) $(call opt,--policy,$(POLICY)) $(if $(filter 1,$(FIXED_N)),--fixed-n)
 
 bench: setup
-	$(QG) bench $(COMMON) $(call opt,--max-load,$(MAX_LOAD)) $(call opt,--config,$(BENCH_CONFIG)) $(SERVING)
+	$(QG) bench $(COMMON) $(call opt,--max-load,$(MAX_LOAD)) $(call opt,--config,$(BENCH_CONFIG)) $(SERVING) $(call opt,--policy,$(POLICY))
 
 report: $(VENVS)/quantize/.ok
 	$(QG) report $(RUN)
@@ -151,7 +151,7 @@ bench-gate: $(VENVS)/quantize/.ok
 
 # The throughput check's false-reject rate: the reference benched against itself as if it were a variant.
 bench-perf-gate: setup
-	$(QPY) -m quantgate.bench_perf_gate --runs $(RUNS)/bench-perf-gate $(call opt,--model,$(MODEL))
+	$(QPY) -m quantgate.bench_perf_gate --runs $(RUNS)/bench-perf-gate $(call opt,--model,$(MODEL)) $(call opt,--repetitions,$(REPETITIONS))
 
 clean:
 	rm -rf $(RUNS) .cache/tasks

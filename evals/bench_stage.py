@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,12 +401,38 @@ def add_need(mem: dict[str, Any], manifest: CheckpointManifest, kv_dtype: str, c
     return mem
 
 
+def run_pairs(reference: Callable[[int], dict[str, Any]], variant: Callable[[int], dict[str, Any]],
+              cfg: BenchConfig, margin: float | None) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Reference and variant levels at one load, A B A B (each pair back to back, so drift cancels within
+    it), a look of `repeats` pairs at a time until the ratio's repeated interval decides `margin` or the
+    looks run out. One loop for the bench stage and `make bench-perf-gate`. Returns the ratio and the
+    variant's levels."""
+    design = cfg.pair_design() if margin is not None else (cfg.repeats,)
+    pairs: list[tuple[float, float]] = []
+    levels: list[dict[str, Any]] = []
+    ratio = None
+    for n in design:
+        while len(pairs) < n:
+            r = reference(len(pairs) + 1)
+            v = variant(len(pairs) + 1)
+            levels.append(v)
+            pairs.append((float(r["output_throughput"]), float(v["output_throughput"])))
+        ratio = ratio_interval(pairs, cfg.level, looks=design if margin is not None else None,
+                               spending=cfg.pair_spending, margin=margin)
+        if ratio is None or ratio["settled"]:
+            break
+    return ratio, levels
+
+
 @dataclass
 class BenchRequest:
     recipes: list[str] | None = None
     config_path: Path | None = None
     max_load: int | None = None
     force: bool = False
+    # the policy's performance.throughput_margin: the ratio's pairs stop once its interval decides it (None:
+    # the policy does not check throughput, so a fixed `repeats` pairs)
+    throughput_margin: float | None = None
 
 
 @dataclass
@@ -439,8 +466,9 @@ class BenchStage:
         bs_cfg = self.ctx.serve_config(m, "bench")
         parts: dict[str, Any] = {"ckpt": checkpoint_key(m), "cfg": self.cfg.model_dump(mode="json"),
                                  "flags": bs_cfg.args(), "vllm": vllm_version(self.ctx.serve_python)}
-        if m.recipe != self.reference.recipe:  # its pairs ran against the reference
+        if m.recipe != self.reference.recipe:  # its pairs ran against the reference, as many as the margin took
             parts["reference"] = checkpoint_key(self.reference)
+            parts["throughput_margin"] = self.req.throughput_margin
         return content_key(parts)
 
     def cached(self, m: CheckpointManifest) -> BenchRun | None:
@@ -569,21 +597,22 @@ class BenchStage:
             # finds is itself noisy (two identical servers found 11 and 10 here), and throughput at two
             # different loads differs by the load, not by the checkpoint (8% at 11 vs 10 on this CPU)
             load = min(cap, ref_cap)
-            pairs: list[tuple[float, float]] = []
-            for i in range(self.cfg.repeats):  # A B A B: each pair back to back, so drift cancels within it
+
+            def reference(i: int) -> dict[str, Any]:
                 if ref_server is not None:
-                    r = ref_server.level(primary, load, phase="pair", repeat=i + 1)
-                else:
-                    r = self._alternate(self.reference, primary, load, i + 1, prom, bs)
-                    res.restarts += 1
-                v = bs.level(primary, load, phase="pair", repeat=i + 1)
-                repeats.append(v)
-                pairs.append((float(r["output_throughput"]), float(v["output_throughput"])))
-            if load != cap:  # the capacity interval needs levels at the variant's own capacity
-                repeats = [bs.level(primary, cap, phase="repeat", repeat=i + 1) for i in range(self.cfg.repeats)]
-            res.ratio = ratio_interval(pairs, self.cfg.level)
+                    return ref_server.level(primary, load, phase="pair", repeat=i)
+                res.restarts += 1
+                return self._alternate(self.reference, primary, load, i, prom, bs)
+
+            def variant(i: int) -> dict[str, Any]:
+                bar.set_postfix_str(f"{bs.name} pair {i} at c={load}")
+                return bs.level(primary, load, phase="pair", repeat=i)
+
+            res.ratio, repeats = run_pairs(reference, variant, self.cfg, self.req.throughput_margin)
             if res.ratio is not None:
                 res.ratio["load"] = load
+            if load != cap:  # the capacity interval needs levels at the variant's own capacity
+                repeats = [bs.level(primary, cap, phase="repeat", repeat=i + 1) for i in range(self.cfg.repeats)]
         res.capacity = capacity_summary(cap, repeats, price_per_hour=self.price,
                                         gpus=self.ctx.serving(bs.manifest).gpus, level=self.cfg.level)
         res.capacity["stopped"] = res.workloads[primary.name]["stopped"]

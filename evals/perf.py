@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,7 +81,11 @@ class BenchConfig(_Strict):
     # every level lasts at least this long (its request count sized from the rate already measured), so its
     # throughput and percentiles are not the noise of a sub-second burst
     min_level_seconds: float = Field(default=20.0, ge=0)
-    repeats: int = Field(default=5, ge=2)  # interleaved capacity runs of the variant and the reference
+    repeats: int = Field(default=5, ge=2)  # capacity repeats, and interleaved pairs per look of the ratio
+    # the throughput ratio is group-sequential: up to `pair_looks` looks of `repeats` pairs, stopped at the first
+    # look whose repeated interval decides the gate's margin (1: a fixed `repeats` pairs)
+    pair_looks: int = Field(default=4, ge=1)
+    pair_spending: Literal["obf", "pocock"] = "obf"  # Lan-DeMets spending of the ratio's looks
     level: float = Field(default=0.90, gt=0, lt=1)  # two-sided level of the capacity / ratio intervals
     saturation_growth: float = Field(default=2.0, gt=1)  # queue time of a level's last third over its first
     seed: int = 0
@@ -90,6 +95,10 @@ class BenchConfig(_Strict):
     hardware: str | None = None  # price key; default: the detected GPU, or "cpu"
     scrape_interval_s: float = Field(default=0.5, gt=0)
     prometheus: bool = True  # a real Prometheus scrapes the servers during the sweep (Debian `prometheus`)
+
+    def pair_design(self) -> tuple[int, ...]:
+        """Cumulative pair counts at the ratio's looks."""
+        return tuple(self.repeats * (j + 1) for j in range(self.pair_looks))
 
     def num_prompts(self, load: int, rps_per_load: float | None = None) -> int:
         """Requests for a level at `load`: enough for a p95 and, given the request rate per unit of load seen so
@@ -283,15 +292,34 @@ def capacity_summary(load: int | None, repeats: list[dict[str, Any]], *, price_p
             "max_num_seqs": load}
 
 
-def ratio_interval(pairs: list[tuple[float, float]], level: float) -> dict[str, Any] | None:
+def ratio_interval(pairs: list[tuple[float, float]], level: float, *, looks: tuple[int, ...] | None = None,
+                   spending: Literal["obf", "pocock"] = "obf", margin: float | None = None) -> dict[str, Any] | None:
     """Throughput ratio variant/reference from interleaved pairs (A B A B ...): each pair's log ratio, a t
-    interval over pairs (drift between pairs cancels within each), back-transformed."""
-    logs = [math.log(v / r) for r, v in pairs if r > 0 and v > 0]
+    interval over pairs (drift between pairs cancels within each), back-transformed.
+
+    With `looks` (cumulative pair counts) and the policy's throughput `margin`, the group-sequential form: the
+    repeated t interval (qgcore.sequential.t_sequential) at the first look that excludes 1 - margin, else at
+    the last complete look; `settled` says no more pairs are needed. Its lower end clears 1 - margin with
+    probability <= (1 - level) / 2 over all looks when the true ratio is 1 - margin, as one fixed-n interval
+    would, so the gate decides it as it is."""
+    from scipy.stats import t
+
+    from qgcore.sequential import t_sequential
+
+    valid = [(r, v) for r, v in pairs if r > 0 and v > 0]
+    logs = [math.log(v / r) for r, v in valid]
     if len(logs) < 2:
         return None
-    mean, lo, hi = t_interval(logs, level)
-    return {"ratio": math.exp(mean), "low": math.exp(lo), "high": math.exp(hi), "level": level, "pairs": len(logs),
-            "per_pair": [v / r for r, v in pairs if r > 0 and v > 0]}
+    design = looks if looks and margin is not None and len(logs) >= looks[0] else (len(logs),)
+    null = math.log(1 - margin) if margin is not None else 0.0
+    got = t_sequential(np.array([logs]), design, spending, (1 - level) / 2, null)
+    j = int(got["look"][0])
+    n, mean, half, crit = design[j], float(got["mean"][0]), float(got["half"][0]), float(got["crit"][0])
+    settled = bool(got["outcome"][0]) or j == len(design) - 1 or margin is None
+    return {"ratio": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half), "level": level,
+            "pairs": n, "look": j + 1, "looks": len(design), "spending": spending,
+            "nominal_level": 1 - 2 * float(t.sf(crit, n - 1)), "settled": settled,
+            "per_pair": [v / r for r, v in valid[:n]]}
 
 
 def max_sequences(kv_cache_tokens: int | None, context_len: int) -> float | None:

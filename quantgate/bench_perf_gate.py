@@ -5,7 +5,8 @@ through the bench stage's own servers, sweep and interleaved pairs, and each rep
 decided by the gate's own performance check (reports.gate, the shipped policy's throughput margin). Two
 identical servers must pass: the README quotes the pass rate (the issue's bar: >= 95%). The sweep runs once
 per server (capacity does not change between repetitions); what is repeated is exactly what the check
-decides on: `repeats` ABAB pairs at the lower of the two capacities, then the interval.
+decides on: the bench stage's own pair loop (evals.bench_stage.run_pairs: looks of `repeats` ABAB pairs at
+the lower of the two capacities until the repeated interval decides the margin), then the interval.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from evals.bench_stage import BenchRequest, BenchStage
-from evals.perf import ratio_interval
+from evals.bench_stage import BenchRequest, BenchStage, run_pairs
+from evals.perf import BenchConfig
 from qgcore.artifacts import CheckpointManifest
 from qgcore.quality import RecipeGate
 from quantgate.cli import main as cli
@@ -72,16 +73,35 @@ def pooled_log_sd(rows: list[dict[str, Any]]) -> float:
     return math.sqrt(sq / df) if df else math.nan
 
 
-def pass_probability(sd: float, level: float, margin: float, pairs: int) -> float:
-    """How often two identical servers pass the throughput check at per-pair log-ratio SD `sd`: it passes when
-    the t interval's lower end clears log(1 - margin), so at a true ratio of 1 the probability is a noncentral
-    t tail (scipy.stats.nct). Sharper than a count of passed blocks, and it says how many pairs would do."""
-    from scipy.stats import nct, t
+def pass_probability(sd: float, cfg: BenchConfig, margin: float, runs: int = 40_000, seed: int = 0) -> dict[str, float]:
+    """How often two identical servers pass the throughput check at per-pair log-ratio SD `sd`, and the pairs
+    it takes on average: normal log ratios around 0 decided by the same vectorised rule the bench stops by
+    (qgcore.sequential.t_sequential at the config's looks). Sharper than a count of passed blocks."""
+    import numpy as np
 
+    from qgcore.sequential import t_sequential
+
+    looks = cfg.pair_design()
     if not sd > 0:
-        return 1.0
-    crit = float(t.ppf(0.5 + level / 2, pairs - 1))
-    return float(nct.sf(crit, pairs - 1, -math.log(1 - margin) / (sd / math.sqrt(pairs))))
+        return {"pass": 1.0, "mean_pairs": float(looks[0])}
+    x = np.random.default_rng(seed).normal(0.0, sd, (runs, looks[-1]))
+    got = t_sequential(x, looks, cfg.pair_spending, (1 - cfg.level) / 2, math.log(1 - margin))
+    return {"pass": float(np.mean(got["outcome"] == 1)), "mean_pairs": float(np.mean(np.array(looks)[got["look"]]))}
+
+
+def summarize(meta: dict[str, Any], rows: list[dict[str, Any]], cfg: BenchConfig, margin: float,
+              t0: float) -> dict[str, Any]:
+    outcomes = [row["outcome"] for row in rows]
+    sd = pooled_log_sd(rows)
+    implied = pass_probability(sd, cfg, margin)
+    # the looks of `repeats` pairs that would pass 95% at this noise (the config's `pair_looks` to set)
+    enough = next((k for k in range(1, 21)
+                   if pass_probability(sd, cfg.model_copy(update={"pair_looks": k}), margin)["pass"] >= 0.95), None)
+    pairs_run = [row["ratio"]["pairs"] for row in rows if row["ratio"]]
+    return meta | {"repetitions": rows, "pass_rate": outcomes.count("pass") / len(outcomes),
+                   "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
+                   "mean_pairs": sum(pairs_run) / max(len(pairs_run), 1), "per_pair_log_sd": sd,
+                   "implied": implied, "looks_for_95": enough, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=None,
                    help="bench YAML (default: what `make bench` uses here: evals/bench.cpu.yaml without a GPU)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="ABAB pairs per block (default: the config's `repeats`, what one bench run decides on)")
+                   help="ABAB pairs per look (default: the config's `repeats`, what one bench run decides on)")
+    p.add_argument("--pair-looks", type=int, default=None,
+                   help="most looks per block (default: the config's `pair_looks`; 1 = a fixed `repeats` pairs)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     reference = next(r.name for r in load_recipes(None) if r.family == "reference")
@@ -105,13 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     twin = make_twin(ctx.run_dir, record.reference)
     record_run(ctx, declared=[TWIN], families={TWIN: "8bit"})
     stage = BenchStage(ctx, BenchRequest(config_path=args.config), quiet=True)
-    if args.repeats is not None:
-        stage.cfg = stage.cfg.model_copy(update={"repeats": args.repeats})
+    for key, value in (("repeats", args.repeats), ("pair_looks", args.pair_looks)):
+        if value is not None:
+            stage.cfg = stage.cfg.model_copy(update={key: value})
     cfg = stage.cfg
+    margin = load_policy()["performance"].throughput_margin
+    meta = {"model": record.model.model_id, "config": stage.config_name, "repeats_per_look": cfg.repeats,
+            "pair_looks": cfg.pair_looks, "pair_spending": cfg.pair_spending, "level": cfg.level,
+            "throughput_margin": margin}
     w = cfg.workloads[0]
     ref_m = next(m for m in stage.manifests if m.recipe == record.reference)
     outcomes: list[str] = []
-    rows = []
+    rows: list[dict[str, Any]] = []
+    out: dict[str, Any] = {}
     ref = stage._start(ref_m, None, None)
     try:
         mine = stage._start(twin, None, None)
@@ -120,37 +148,25 @@ def main(argv: list[str] | None = None) -> int:
             ref_cap, _ = ref.sweep(w, bar)
             cap, _ = mine.sweep(w, bar)
             bar.close()
+            load = min(ref_cap or 1, cap or 1)  # the same load for both, as the bench stage pairs them
             for r in tqdm(range(args.repetitions), desc="pairs", unit="block"):
-                pairs = []
-                load = min(ref_cap or 1, cap or 1)  # the same load for both, as the bench stage pairs them
-                for i in range(cfg.repeats):  # A B A B, as the bench stage runs them
-                    a = ref.level(w, load, phase="pair", repeat=i + 1)
-                    b = mine.level(w, load, phase="pair", repeat=i + 1)
-                    pairs.append((float(a["output_throughput"]), float(b["output_throughput"])))
-                ratio = ratio_interval(pairs, cfg.level)
+                ratio, _ = run_pairs(lambda i: ref.level(w, load, phase="pair", repeat=i),
+                                     lambda i: mine.level(w, load, phase="pair", repeat=i), cfg, margin)
                 outcomes.append(decide(ratio, ref_cap, cap))
                 rows.append({"repetition": r + 1, "ratio": ratio, "outcome": outcomes[-1]})
+                out = summarize(meta | {"capacity": {"reference": ref_cap, TWIN: cap}}, rows, cfg, margin, t0)
+                (args.runs / "bench-perf-gate.json").write_text(json.dumps(out, indent=1) + "\n")  # each block kept
         finally:
             mine.stop()
     finally:
         ref.stop()
-    passed = outcomes.count("pass") / len(outcomes)
-    margin = load_policy()["performance"].throughput_margin
-    sd = pooled_log_sd(rows)
-    implied = pass_probability(sd, cfg.level, margin, cfg.repeats)
-    enough = next((n for n in range(2, 201) if pass_probability(sd, cfg.level, margin, n) >= 0.95), None)
-    out = {"model": record.model.model_id, "config": stage.config_name, "capacity": {"reference": ref_cap, TWIN: cap},
-           "repeats_per_block": cfg.repeats, "level": cfg.level,
-           "throughput_margin": margin, "repetitions": rows, "pass_rate": passed,
-           "outcomes": {o: outcomes.count(o) for o in set(outcomes)}, "per_pair_log_sd": sd,
-           "implied_pass_rate": implied, "pairs_for_95": enough,
-           "seconds": round(time.perf_counter() - t0, 1)}
-    (args.runs / "bench-perf-gate.json").write_text(json.dumps(out, indent=1) + "\n")
+    passed, sd, implied, enough = out["pass_rate"], out["per_pair_log_sd"], out["implied"], out["looks_for_95"]
     ratios = [row["ratio"]["ratio"] for row in rows if row["ratio"]]
-    print(f"two identical {record.reference} servers, {len(outcomes)} blocks of {cfg.repeats} ABAB pairs at the lower "
-          f"capacity (c={ref_cap} / {cap}): throughput check passed {passed:.0%} ({out['outcomes']}); ratios "
-          f"{min(ratios):.3f}..{max(ratios):.3f}; per-pair log-ratio SD {sd:.1%}, implying a {implied:.1%} pass rate "
-          f"at {cfg.repeats} pairs ({enough} pairs would pass 95%); {out['seconds']:.0f} s")
+    print(f"two identical {record.reference} servers, {len(rows)} blocks of up to {cfg.pair_looks} looks of "
+          f"{cfg.repeats} ABAB pairs at the lower capacity (c={ref_cap} / {cap}): throughput check passed "
+          f"{passed:.0%} ({out['outcomes']}) after {out['mean_pairs']:.1f} pairs on average; ratios "
+          f"{min(ratios):.3f}..{max(ratios):.3f}; per-pair log-ratio SD {sd:.1%}, implying a {implied['pass']:.1%} "
+          f"pass rate after {implied['mean_pairs']:.1f} pairs ({enough} looks would pass 95%); {out['seconds']:.0f} s")
     return 0
 
 

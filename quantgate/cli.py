@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(b)
     _bench_args(b)
     _serving(b)
+    _policy(b)  # its performance.throughput_margin is what the pairs are stopped by
     b.add_argument("--force", action="store_true", help="rerun even when bench.json matches")
 
     r = _sub(sub, "report", "render runs/<slug>/report.html from verdict.json and the artifacts")
@@ -203,6 +204,13 @@ def stopping(args: argparse.Namespace, ctx: Any) -> Any:
     return Stopping(load_policy(args.policy).quality, declared_k(ctx), fixed_n=args.fixed_n)
 
 
+def throughput_margin(args: argparse.Namespace) -> float | None:
+    """The margin the bench's pairs are stopped by: the gate's, from the same policy file."""
+    from reports.policy import load_policy
+
+    return load_policy(args.policy)["performance"].throughput_margin
+
+
 def quantize(args: argparse.Namespace) -> int:
     from qgcore.device import parse_target
     from quantgate.context import record_run
@@ -236,7 +244,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
         ctx = context(args)
         breq = BenchRequest(recipes=_csv(args.recipes), config_path=args.config,
-                            max_load=_count(args.max_load, "--max-load", 1), force=args.force)
+                            max_load=_count(args.max_load, "--max-load", 1), force=args.force,
+                            throughput_margin=throughput_margin(args))
         record_run(ctx)
         return run_bench_stage(ctx, breq)
     if args.command == "report":
@@ -270,7 +279,7 @@ def run_all(args: argparse.Namespace) -> int:
     demo = demo_settings(tasks=_csv(args.tasks), limit=args.limit, divergence_docs=args.divergence_docs,
                          bench_config=args.config, cpu=ctx.platform.kind == "cpu") if args.demo else None
     bench = BenchRequest(recipes=_csv(args.recipes), config_path=demo.bench_config if demo else args.config,
-                         max_load=_count(args.max_load, "--max-load", 1))
+                         max_load=_count(args.max_load, "--max-load", 1), throughput_margin=throughput_margin(args))
     req = AllRequest(recipes=_csv(args.recipes), eval=eval_request(args, demo), bench=bench, policy=args.policy,
                      require=args.require, target_gpu=args.target_gpu, demo=bool(args.demo),
                      deploy_all=args.deploy_all)

@@ -304,7 +304,9 @@ def performance_checks(ev: Evidence, p: PerformancePolicy, level: float) -> list
             lo, hi = ratio["low"], ratio["high"]
             nums = ratio | {"floor": floor}
             at = f"at {cap.get('load_kind', 'concurrency')} {ratio['load']}" if ratio.get("load") else "at capacity"
-            txt = (f"{ratio['ratio']:.3f}x {ev.reference}'s output tok/s {at} ({ratio['level']:.0%} interval "
+            seq = (f"repeated interval, look {ratio['look']} of {ratio['looks']}" if ratio.get("looks", 1) > 1
+                   else "interval")
+            txt = (f"{ratio['ratio']:.3f}x {ev.reference}'s output tok/s {at} ({ratio['level']:.0%} {seq} "
                    f"{lo:.3f}..{hi:.3f} over {ratio['pairs']} interleaved pairs), floor {floor:.2f}x")
             outcome = "pass" if lo > floor else "fail" if hi < floor else "inconclusive"
             checks.append(Check("performance:throughput", outcome, txt, nums))

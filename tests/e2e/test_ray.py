@@ -128,7 +128,7 @@ def _bench_yaml(tmp: Path) -> Path:
     p = tmp / "bench.yaml"
     p.write_text("workloads: [{name: random, kind: random, input_len: 16, output_len: 8}]\nstart: 1\nmax_load: 2\n"
                  "prompts_per_load: 1\nmin_prompts: 2\nwarmup_prompts: 1\nmin_level_seconds: 1\nrepeats: 2\n"
-                 "slo: {ttft_p95_s: 30, itl_p95_ms: 5000}\nprometheus: false\n")
+                 "pair_looks: 1\nslo: {ttft_p95_s: 30, itl_p95_ms: 5000}\nprometheus: false\n")
     return p
 
 
