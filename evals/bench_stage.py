@@ -6,7 +6,8 @@ Per variant and workload (random prompts; a prefix-heavy load), `vllm bench serv
 loads that double until a level misses the latency SLO or over-saturates (queue time growing across the
 level), then bisect to the highest load that meets it: the capacity. Then variant and reference run in
 pairs at the same load (the lower capacity), alternating, so drift between pairs cancels within each: the
-pairs give the ratio the gate decides on, the repeats at the variant's capacity its capacity interval. On CPU (and on a
+pairs give the ratio the gate decides on, in looks until its repeated interval decides the policy's margin
+(run_pairs), and the repeats at the variant's capacity give its capacity interval. On CPU (and on a
 GPU box with room for both) the reference server stays up beside the variant's; otherwise each block
 restarts its server (slower, and said so in bench.json).
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qgcore.device import CPU_USD_PER_HOUR, GPUS
 from qgcore.errors import ConfigError, format_validation_error
+from qgcore.sequential import Spending, t_sequential
 
 DEFAULT_PRICES = {name: g.usd_per_hour for name, g in GPUS.items() if g.usd_per_hour} | {"cpu": CPU_USD_PER_HOUR}
 
@@ -85,7 +86,7 @@ class BenchConfig(_Strict):
     # the throughput ratio is group-sequential: up to `pair_looks` looks of `repeats` pairs, stopped at the first
     # look whose repeated interval decides the gate's margin (1: a fixed `repeats` pairs)
     pair_looks: int = Field(default=4, ge=1)
-    pair_spending: Literal["obf", "pocock"] = "obf"  # Lan-DeMets spending of the ratio's looks
+    pair_spending: Spending = "obf"  # Lan-DeMets spending of the ratio's looks
     level: float = Field(default=0.90, gt=0, lt=1)  # two-sided level of the capacity / ratio intervals
     saturation_growth: float = Field(default=2.0, gt=1)  # queue time of a level's last third over its first
     seed: int = 0
@@ -293,7 +294,7 @@ def capacity_summary(load: int | None, repeats: list[dict[str, Any]], *, price_p
 
 
 def ratio_interval(pairs: list[tuple[float, float]], level: float, *, looks: tuple[int, ...] | None = None,
-                   spending: Literal["obf", "pocock"] = "obf", margin: float | None = None) -> dict[str, Any] | None:
+                   spending: Spending = "obf", margin: float | None = None) -> dict[str, Any] | None:
     """Throughput ratio variant/reference from interleaved pairs (A B A B ...): each pair's log ratio, a t
     interval over pairs (drift between pairs cancels within each), back-transformed.
 
@@ -303,8 +304,6 @@ def ratio_interval(pairs: list[tuple[float, float]], level: float, *, looks: tup
     probability <= (1 - level) / 2 over all looks when the true ratio is 1 - margin, as one fixed-n interval
     would, so the gate decides it as it is."""
     from scipy.stats import t
-
-    from qgcore.sequential import t_sequential
 
     valid = [(r, v) for r, v in pairs if r > 0 and v > 0]
     logs = [math.log(v / r) for r, v in valid]

@@ -108,6 +108,7 @@ class EvalStage:
         self.hashes = {t: self.suite.hashes.get(t) or user_task_hash(req.include_path, t) for t in self.tasks}
         self.variants = {m.recipe: Variant(m, ctx) for m in self.manifests}
         self._specs: dict[str, TaskSpec] = {}
+        self.reference_ahead = False  # score the reference's every look at once (one server at a time)
         self._checked = False
         self.failures: dict[str, SessionResult] = {}  # variant -> its failed session (this invocation)
         self.sessions: dict[str, list[SessionResult]] = {}
@@ -227,6 +228,9 @@ class EvalStage:
                 if res is not None and res.status != "scored":
                     continue  # the reference failed this task in this run: the gate makes it inconclusive
                 have = res.sequential["scored_looks"] if res is not None and res.sequential else 0
+                if self.reference_ahead:  # every look, so each variant's looks are decided in one session
+                    need = len(res.sequential["looks"]) if res is not None and res.sequential else len(
+                        self.spec(task).looks)
                 if have < need:
                     ref_work.tasks[task] = have
         return [w for w in works.values() if w]
@@ -272,7 +276,9 @@ class EvalStage:
         """Every round in this process. On CPU the next session's server launches while one scores, and the
         servers a later round needs stay up between rounds (as many as RAM allows, the reference first): a
         group-sequential round then costs scoring, not start-ups. On a GPU each server takes most of the
-        card: one at a time."""
+        card: one at a time (run_one_at_a_time)."""
+        if self.ctx.platform.kind != "cpu":
+            return self.run_one_at_a_time(progress)
         rounds = 0
         pool: dict[str, Any] = {}  # variant -> a healthy server kept for the next round (CPU only)
         try:
@@ -293,6 +299,31 @@ class EvalStage:
         finally:  # Ctrl-C, an error or the end: no server outlives the stage
             for s in pool.values():
                 s.stop()
+
+    def run_one_at_a_time(self, progress: Callable[[str], None] | None = None) -> None:
+        """One server at a time, each up from its variant's first look to its last: the reference scores every
+        look of a sequential task in its one session (`reference_ahead`), so a variant's looks can be decided
+        as they are scored, without a restart in between. K + 1 start-ups for K variants, where a round per
+        look would restart every server at every look (minutes each for a 70B); the price is the reference's
+        looks that no variant ends up needing."""
+        self.reference_ahead = True
+        sessions = 0
+        while work := self.plan_round():
+            w = work[0]  # the reference first, then each variant in the run's order
+            server = self.variants[w.variant].server()
+            try:
+                while True:
+                    sessions += 1
+                    if progress:
+                        progress(f"{w.variant} (session {sessions})")
+                    res = self.run_session(w, server, keep=True)
+                    self.record(res)
+                    more = [x for x in self.plan_round() if x.variant == w.variant] if res.status == "served" else []
+                    if not more:
+                        break
+                    w = more[0]  # its next look, on the server that is already up
+            finally:  # Ctrl-C, an error or its last look: the next variant gets the card
+                server.stop()
 
     def _keep(self, name: str, pool: dict[str, Any]) -> bool:
         """Keep this variant's server up after its session: CPU only, while the pool fits half the RAM."""
