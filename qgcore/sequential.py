@@ -253,7 +253,7 @@ def _t_crit(design: Design, looks: tuple[int, ...], alpha: float) -> np.ndarray:
 def t_boundaries(looks: tuple[int, ...], spending: Spending, alpha: float) -> tuple[float, ...]:
     """One-sided critical t values for a group-sequential t test with looks after `looks` observations
     (cumulative). At one look: Student's t quantile, exact. At several, the significance-level boundaries
-    spend a little more than alpha at small degrees of freedom (0.0515 for 6 looks of 5 pairs at 0.05), so
+    spend a little more than alpha at small degrees of freedom (5.15% for 6 looks of 5 pairs at 5%), so
     the spending level they are built at is lowered until a simulation of the test under its null crosses at
     most alpha less two Monte Carlo SEs. One simulation serves every variance: under normal errors the path
     of t statistics is free of sigma. Checked by an independent simulation in tests/unit/test_perf.py."""
