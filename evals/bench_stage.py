@@ -418,8 +418,7 @@ def run_pairs(reference: Callable[[int], dict[str, Any]], variant: Callable[[int
             v = variant(len(pairs) + 1)
             levels.append(v)
             pairs.append((float(r["output_throughput"]), float(v["output_throughput"])))
-        ratio = ratio_interval(pairs, cfg.level, looks=design if margin is not None else None,
-                               spending=cfg.pair_spending, margin=margin)
+        ratio = ratio_interval(pairs, cfg.level, looks=design, spending=cfg.pair_spending, margin=margin)
         if ratio is None or ratio["settled"]:
             break
     return ratio, levels

@@ -314,7 +314,7 @@ def ratio_interval(pairs: list[tuple[float, float]], level: float, *, looks: tup
     got = t_sequential(np.array([logs]), design, spending, (1 - level) / 2, null)
     j = int(got["look"][0])
     n, mean, half, crit = design[j], float(got["mean"][0]), float(got["half"][0]), float(got["crit"][0])
-    settled = bool(got["outcome"][0]) or j == len(design) - 1 or margin is None
+    settled = bool(got["outcome"][0]) or j == len(design) - 1  # no margin: one look, the last
     return {"ratio": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half), "level": level,
             "pairs": n, "look": j + 1, "looks": len(design), "spending": spending,
             "nominal_level": 1 - 2 * float(t.sf(crit, n - 1)), "settled": settled,

@@ -308,20 +308,19 @@ class EvalStage:
         looks that no variant ends up needing."""
         self.reference_ahead = True
         sessions = 0
-        while work := self.plan_round():
-            w = work[0]  # the reference first, then each variant in the run's order
-            server = self.variants[w.variant].server()
+        work = self.plan_round()
+        while work:
+            w: Work | None = work[0]  # the reference first, then each variant in the run's order
+            server = self.variants[work[0].variant].server()
             try:
-                while True:
+                while w is not None:
                     sessions += 1
                     if progress:
                         progress(f"{w.variant} (session {sessions})")
                     res = self.run_session(w, server, keep=True)
                     self.record(res)
-                    more = [x for x in self.plan_round() if x.variant == w.variant] if res.status == "served" else []
-                    if not more:
-                        break
-                    w = more[0]  # its next look, on the server that is already up
+                    work = self.plan_round()  # its next look runs on the server that is already up
+                    w = next((x for x in work if x.variant == w.variant), None) if res.status == "served" else None
             finally:  # Ctrl-C, an error or its last look: the next variant gets the card
                 server.stop()
 

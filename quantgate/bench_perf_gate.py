@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
             "throughput_margin": margin}
     w = cfg.workloads[0]
     ref_m = next(m for m in stage.manifests if m.recipe == record.reference)
-    outcomes: list[str] = []
     rows: list[dict[str, Any]] = []
     out: dict[str, Any] = {}
     ref = stage._start(ref_m, None, None)
@@ -152,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in tqdm(range(args.repetitions), desc="pairs", unit="block"):
                 ratio, _ = run_pairs(lambda i: ref.level(w, load, phase="pair", repeat=i),
                                      lambda i: mine.level(w, load, phase="pair", repeat=i), cfg, margin)
-                outcomes.append(decide(ratio, ref_cap, cap))
-                rows.append({"repetition": r + 1, "ratio": ratio, "outcome": outcomes[-1]})
+                rows.append({"repetition": r + 1, "ratio": ratio, "outcome": decide(ratio, ref_cap, cap)})
                 out = summarize(meta | {"capacity": {"reference": ref_cap, TWIN: cap}}, rows, cfg, margin, t0)
                 (args.runs / "bench-perf-gate.json").write_text(json.dumps(out, indent=1) + "\n")  # each block kept
         finally:
