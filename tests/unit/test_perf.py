@@ -384,7 +384,8 @@ def test_bench_perf_gate_decides_with_the_gates_own_throughput_check():
 def _cfg(name: str | None) -> BenchConfig:
     from evals.bench_stage import CPU_CONFIG, DEMO_CPU_CONFIG
 
-    return {None: BenchConfig(), "cpu": load_bench_config(CPU_CONFIG), "demo": load_bench_config(DEMO_CPU_CONFIG)}[name]
+    return {None: BenchConfig(), "cpu": load_bench_config(CPU_CONFIG), "demo": load_bench_config(DEMO_CPU_CONFIG),
+            "tp2-test": BenchConfig(repeats=2, pair_looks=2)}[name]  # tests/e2e/test_bench.py's design
 
 
 def _fake_pairs(ratio: float, sd: float, rng: random.Random):
@@ -393,7 +394,7 @@ def _fake_pairs(ratio: float, sd: float, rng: random.Random):
             lambda i: {"output_throughput": 100.0 * ratio * math.exp(rng.gauss(0, sd))})
 
 
-@pytest.mark.parametrize("name", [None, "cpu", "demo"])
+@pytest.mark.parametrize("name", [None, "cpu", "demo", "tp2-test"])
 def test_the_throughput_check_false_passes_at_most_alpha_at_every_shipped_design(name):
     """The promise of the performance check: a variant whose true throughput is at the floor (1 - margin) is
     passed with probability <= (1 - level) / 2 over all its looks, at each design the tool ships (GPU default,
